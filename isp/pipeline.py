@@ -1,0 +1,127 @@
+"""The ISP: normalised RAW (mosaic or packed) + metadata -> sRGB, in LibRaw's order."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+from .cfa import as_batched_cfa, unpack
+from .errors import InputError
+from .io import read_raw
+from .meta import CameraMeta
+
+DEMOSAICS = ("bilinear", "half")
+GAMMAS = ("srgb", "bt709", "linear")
+
+
+def render(
+    raw: torch.Tensor,
+    cfa,
+    wb,
+    cam_to_srgb,
+    *,
+    demosaic: str = "bilinear",
+    gamma: str = "srgb",
+    packed: bool = False,
+    libraw_wb: bool = True,
+) -> torch.Tensor:
+    """Render normalised RAW to sRGB. raw (B,1,H,W) mosaic or packed (B,4|9,h,w) in [0,1] -> (B,3,H',W') in [0,1].
+
+    Order (LibRaw's): white balance, clip to [0,1], demosaic, colour matrix, clip, curve.
+    With `libraw_wb` the gains are scaled so the smallest is 1, as LibRaw does.
+    Gradients are finite everywhere; at and beyond a clip point see `isp.ops` (clamp semantics).
+    """
+    if packed:
+        raw = unpack(raw, torch.as_tensor(cfa)[0] if torch.as_tensor(cfa).ndim == 3 else cfa)
+    if raw.ndim != 4 or raw.shape[1] != 1:
+        raise InputError(f"render needs a (B,1,H,W) mosaic or packed=True, got {tuple(raw.shape)}")
+    batch = raw.shape[0]
+    cfa = as_batched_cfa(cfa, batch, raw.device)
+    gains = torch.as_tensor(wb, dtype=raw.dtype, device=raw.device)
+    gains = gains.expand(batch, 3) if gains.ndim == 1 else gains
+    if libraw_wb:
+        gains = ops.libraw_wb_scale(gains)
+    balanced = torch.clamp(ops.white_balance(raw, cfa, gains), 0.0, 1.0)
+    rgb = ops.demosaic(balanced, cfa, demosaic)
+    srgb_linear = torch.clamp(ops.apply_matrix(rgb, cam_to_srgb), 0.0, 1.0)
+    return ops.apply_curve(srgb_linear, gamma)
+
+
+class ISP(nn.Module):
+    """Batched differentiable ISP (see `render`). No learnable parameters; any device."""
+
+    def __init__(self, demosaic: str = "bilinear", gamma: str = "srgb", libraw_wb: bool = True):
+        super().__init__()
+        if demosaic not in DEMOSAICS:
+            raise InputError(f"unknown demosaic '{demosaic}'; use one of {DEMOSAICS}")
+        if gamma not in GAMMAS:
+            raise InputError(f"unknown gamma '{gamma}'; use one of {GAMMAS}")
+        self.demosaic, self.gamma, self.libraw_wb = demosaic, gamma, libraw_wb
+
+    def forward(self, raw: torch.Tensor, cfa, wb, cam_to_srgb, packed: bool = False) -> torch.Tensor:
+        return render(raw, cfa, wb, cam_to_srgb, demosaic=self.demosaic, gamma=self.gamma, packed=packed, libraw_wb=self.libraw_wb)
+
+    def extra_repr(self) -> str:
+        return f"demosaic={self.demosaic}, gamma={self.gamma}"
+
+
+def select_wb(meta: CameraMeta, wb: str | tuple[float, float, float]) -> list[float]:
+    """'camera' (as shot), 'daylight', 'none' or explicit (r, g, b) multipliers."""
+    if isinstance(wb, str):
+        if wb == "camera":
+            return list(meta.wb_as_shot)
+        if wb == "daylight":
+            return list(meta.wb_daylight)
+        if wb == "none":
+            return [1.0, 1.0, 1.0]
+        try:
+            values = [float(v) for v in wb.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 3:
+            raise InputError(f"white balance '{wb}' is not camera, daylight, none or R,G,B")
+        wb = tuple(values)
+    if len(wb) != 3 or not all(np.isfinite(v) and v > 0 for v in wb):
+        raise InputError(f"white balance multipliers must be three positive numbers, got {wb}")
+    return [float(v) for v in wb]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' as given (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' asked for but no CUDA GPU is available; use --device cpu or auto")
+    return dev
+
+
+def render_file(
+    path: str | os.PathLike,
+    wb: str | tuple[float, float, float] = "camera",
+    gamma: str = "srgb",
+    demosaic: str = "bilinear",
+    device: str = "cpu",
+    exposure_ratio: float = 1.0,
+) -> np.ndarray:
+    """Render a RAW file like LibRaw's postprocess. -> float32 (H, W, 3) numpy in [0, 1]."""
+    mosaic, meta = read_raw(path)
+    if not (np.isfinite(exposure_ratio) and exposure_ratio > 0):
+        raise InputError(f"exposure ratio must be a positive number, got {exposure_ratio}")
+    dev = resolve_device(device)
+    period = meta.cfa_period
+    if demosaic == "half":
+        h, w = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
+        mosaic = mosaic[:h, :w]
+    with torch.no_grad():
+        x = torch.from_numpy(mosaic.astype(np.float32)).to(dev)[None, None]
+        x = ops.normalize(x, meta.black_level, meta.white_level) * exposure_ratio
+        t = meta.render_tensors(dev)
+        out = ISP(demosaic, gamma)(x, t["cfa"], torch.tensor(select_wb(meta, wb), device=dev), t["cam_to_srgb"])
+    return out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)

@@ -1,0 +1,405 @@
+"""Typed experiment configuration: nested dataclasses with defaults and value checks.
+
+Types (int, float, Literal choices, lists, None) are enforced by `rawrestore.config.loader`
+from the annotations; the `validate(key)` methods here check the values that a type cannot
+express (ranges, CFA multiples, cross-field rules). Every error is a one-line
+`ConfigError` that names the full dotted key. Relative paths are relative to the working
+directory the command runs in, not to the config file.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Literal
+
+from rawrestore.errors import ConfigError
+
+CFA_PERIOD = {"sony": 2, "fuji": 6}  # Bayer 2x2, X-Trans 6x6
+# VGG16 layer names a perceptual loss can tap: blocks 1-2 have two convs, blocks 3-5 three
+VGG16_LAYERS = frozenset(
+    f"{kind}{block}_{index}"
+    for kind in ("conv", "relu")
+    for block, count in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+    for index in range(1, count + 1)
+)
+_UNIFORM_KERNEL = re.compile(r"^uniform\(\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _require(condition: bool, key: str, message: str, value: object) -> None:
+    """Raise ConfigError('<key> <message>, got <value>') unless condition holds."""
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}, got {value!r}")
+
+
+def _validate_children(config: object, key: str) -> None:
+    """Call validate() on every dataclass-valued field, with the dotted key of that field."""
+    for f in fields(config):
+        child = getattr(config, f.name)
+        if is_dataclass(child):
+            child.validate(f"{key}.{f.name}" if key else f.name)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Dataset, cropping and on-the-fly synthesis. Sizes are in RAW (mosaic) pixels, before packing."""
+
+    root: str = "data/synthetic"
+    camera: Literal["sony", "fuji"] = "sony"
+    manifest: str = "auto"  # "auto": built/found under root; otherwise a manifest file path
+    cache_dir: str | None = None  # None -> <root>/.cache
+    crop_size: int = 512  # a multiple of the CFA period (2 Bayer, 6 X-Trans)
+    packed: bool = True
+    clip_aligned: bool = True  # clip exposure-aligned input to [0, 1] like SID
+    augment: bool = True
+    num_workers: int = 2
+    synthetic_noise: bool = False  # synthesise dark inputs from long exposures with a noise model
+    noise_camera: str = "SonyA7S2"
+    val_crop: int | None = None  # None: validate on whole images
+    ratio_cap: float = 300.0  # exposure ratios above this are clamped (SID uses 300)
+
+    @property
+    def cfa_period(self) -> int:
+        """2 for the Bayer Sony A7S II, 6 for the X-Trans Fuji X-T2."""
+        return CFA_PERIOD[self.camera]
+
+    @property
+    def in_channels(self) -> int:
+        """Channels the model sees: 4 (packed Bayer), 9 (packed X-Trans) or 1 (mosaic)."""
+        if not self.packed:
+            return 1
+        return 4 if self.camera == "sony" else 9
+
+    @property
+    def resolved_cache_dir(self) -> str:
+        """cache_dir, or <root>/.cache when it is None."""
+        return self.cache_dir if self.cache_dir is not None else f"{self.root.rstrip('/')}/.cache"
+
+    def validate(self, key: str = "data") -> None:
+        """Check values: crops are positive multiples of the CFA period, counts non-negative."""
+        period = self.cfa_period
+        _require(self.root != "", f"{key}.root", "must be a non-empty path", self.root)
+        _require(self.manifest != "", f"{key}.manifest", "must be 'auto' or a path", self.manifest)
+        for name in ("crop_size", "val_crop"):
+            size = getattr(self, name)
+            if size is None:
+                continue
+            _require(size > 0, f"{key}.{name}", "must be > 0", size)
+            _require(
+                size % period == 0, f"{key}.{name}",
+                f"must be a multiple of the {self.camera} CFA period {period}", size,
+            )
+        _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", self.num_workers)
+        _require(self.noise_camera != "", f"{key}.noise_camera", "must name a noise profile", self.noise_camera)
+        _require(self.ratio_cap >= 1.0, f"{key}.ratio_cap", "must be >= 1", self.ratio_cap)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """Network choice and size; in/out channels follow from the data (4 Bayer, 9 X-Trans)."""
+
+    name: Literal["unet", "nafnet"] = "unet"
+    width: int = 32  # channels of the first level (SID U-Net: 32-64-128-256-512)
+    width_mult: float = 1.0  # scales `width`, for quick size sweeps
+    residual: bool = False  # predict a correction added to the aligned input
+    nafnet_blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 28])  # encoder, per level
+    nafnet_middle_blocks: int = 1
+    nafnet_dec_blocks: list[int] | None = None  # None: one block per level
+
+    def validate(self, key: str = "model") -> None:
+        """Check values: positive width, block lists of matching length and non-negative counts."""
+        _require(self.width >= 1, f"{key}.width", "must be >= 1", self.width)
+        _require(self.width_mult > 0, f"{key}.width_mult", "must be > 0", self.width_mult)
+        _require(round(self.width * self.width_mult) >= 1, f"{key}.width_mult",
+                 "times width must give at least one channel", self.width_mult)
+        _require(len(self.nafnet_blocks) >= 1, f"{key}.nafnet_blocks", "needs at least one level",
+                 self.nafnet_blocks)
+        _require(all(n >= 0 for n in self.nafnet_blocks), f"{key}.nafnet_blocks",
+                 "must hold counts >= 0", self.nafnet_blocks)
+        _require(self.nafnet_middle_blocks >= 0, f"{key}.nafnet_middle_blocks", "must be >= 0",
+                 self.nafnet_middle_blocks)
+        if self.nafnet_dec_blocks is not None:
+            _require(len(self.nafnet_dec_blocks) == len(self.nafnet_blocks), f"{key}.nafnet_dec_blocks",
+                     f"must have one entry per encoder level ({len(self.nafnet_blocks)})",
+                     self.nafnet_dec_blocks)
+            _require(all(n >= 0 for n in self.nafnet_dec_blocks), f"{key}.nafnet_dec_blocks",
+                     "must hold counts >= 0", self.nafnet_dec_blocks)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@dataclass
+class LossTermConfig:
+    """One loss term's weight over training; `weight: 0` turns the term off whatever the schedule.
+
+    schedule "fixed": `weight` throughout. "linear"/"cosine": `start_weight` (None -> weight)
+    until the `ramp_start` fraction of iterations, then ramps to `end_weight` (None -> weight)
+    by `ramp_end`, and stays there (a ramp from zero: weight 0.1, start_weight 0).
+    """
+
+    weight: float = 0.0
+    schedule: Literal["fixed", "linear", "cosine"] = "fixed"
+    start_weight: float | None = None
+    end_weight: float | None = None
+    ramp_start: float = 0.7
+    ramp_end: float = 1.0
+
+    def weight_at(self, progress: float) -> float:
+        """Weight at `progress` = iteration / total iterations, in [0, 1]."""
+        if self.schedule == "fixed" or self.weight == 0.0:
+            return self.weight
+        start = self.weight if self.start_weight is None else self.start_weight
+        end = self.weight if self.end_weight is None else self.end_weight
+        if progress <= self.ramp_start:
+            return start if progress < self.ramp_end else end
+        if progress >= self.ramp_end:
+            return end
+        t = (progress - self.ramp_start) / (self.ramp_end - self.ramp_start)
+        if self.schedule == "cosine":
+            t = 0.5 * (1.0 - math.cos(math.pi * t))
+        return start + (end - start) * t
+
+    @property
+    def active(self) -> bool:
+        """True when the weight is non-zero at some point of training."""
+        return any(w != 0.0 for w in (self.weight_at(0.0), self.weight_at(1.0)))
+
+    def validate(self, key: str) -> None:
+        """Check values: weights >= 0, 0 <= ramp_start <= ramp_end <= 1."""
+        for name in ("weight", "start_weight", "end_weight"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(value >= 0.0 and math.isfinite(value), f"{key}.{name}", "must be finite and >= 0",
+                         value)
+        _require(0.0 <= self.ramp_start <= 1.0, f"{key}.ramp_start", "must be in [0, 1]", self.ramp_start)
+        _require(self.ramp_start <= self.ramp_end <= 1.0, f"{key}.ramp_end", "must be in [ramp_start, 1]",
+                 self.ramp_end)
+
+
+@dataclass
+class CharbonnierTermConfig(LossTermConfig):
+    """Charbonnier sqrt(d^2 + eps^2) on packed RAW."""
+
+    eps: float = 1e-3
+
+    def validate(self, key: str) -> None:
+        """Check values: eps > 0 plus the common term checks."""
+        super().validate(key)
+        _require(self.eps > 0, f"{key}.eps", "must be > 0", self.eps)
+
+
+@dataclass
+class RobustTermConfig(LossTermConfig):
+    """Barron's general robust loss on packed RAW; alpha 2 = L2, 1 ~ Charbonnier, 0 = Cauchy."""
+
+    alpha: float = 1.0
+    scale: float = 0.01
+
+    def validate(self, key: str) -> None:
+        """Check values: finite alpha, scale > 0 plus the common term checks."""
+        super().validate(key)
+        _require(math.isfinite(self.alpha), f"{key}.alpha", "must be finite", self.alpha)
+        _require(self.scale > 0, f"{key}.scale", "must be > 0", self.scale)
+
+
+@dataclass
+class PerceptualTermConfig(LossTermConfig):
+    """VGG16 feature loss on rendered sRGB; `weights` is a local torchvision VGG16 state dict."""
+
+    layers: list[str] = field(default_factory=lambda: ["relu3_3", "relu4_3"])
+    criterion: Literal["l1", "l2"] = "l1"
+    weights: str | None = None  # None: the default location the losses module looks in
+
+    def validate(self, key: str) -> None:
+        """Check values: at least one known VGG16 layer name plus the common term checks."""
+        super().validate(key)
+        _require(len(self.layers) > 0, f"{key}.layers", "needs at least one VGG16 layer", self.layers)
+        for layer in self.layers:
+            _require(layer in VGG16_LAYERS, f"{key}.layers",
+                     "must name VGG16 layers like 'relu3_3' (conv/relu, blocks 1-5)", layer)
+
+
+@dataclass
+class LpipsTermConfig(LossTermConfig):
+    """LPIPS on rendered sRGB; `weights` is a local file for the backbone + linear heads."""
+
+    net: Literal["alex", "vgg", "squeeze"] = "alex"
+    weights: str | None = None
+
+
+def _term(weight: float, **kwargs: object) -> LossTermConfig:
+    return LossTermConfig(weight=weight, **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass
+class LossConfig:
+    """The loss stack: one entry per term, how terms are weighted, and how sRGB is rendered.
+
+    Defaults: RAW-L1 1.0, crosstalk consistency 0.10, perceptual 0.02 ramping linearly to 0.10
+    over the last 30% of iterations, LPIPS 0.02, CIEDE2000 0.02, SSIM 0.05; the rest off.
+    """
+
+    raw_l1: LossTermConfig = field(default_factory=lambda: _term(1.0))
+    charbonnier: CharbonnierTermConfig = field(default_factory=CharbonnierTermConfig)
+    robust: RobustTermConfig = field(default_factory=RobustTermConfig)
+    crosstalk: LossTermConfig = field(default_factory=lambda: _term(0.10))
+    perceptual: PerceptualTermConfig = field(
+        default_factory=lambda: PerceptualTermConfig(
+            weight=0.02, schedule="linear", end_weight=0.10, ramp_start=0.7, ramp_end=1.0
+        )
+    )
+    lpips: LpipsTermConfig = field(default_factory=lambda: LpipsTermConfig(weight=0.02))
+    delta_e00: LossTermConfig = field(default_factory=lambda: _term(0.02))
+    ssim: LossTermConfig = field(default_factory=lambda: _term(0.05))
+    ms_ssim: LossTermConfig = field(default_factory=lambda: _term(0.0))
+    edge: LossTermConfig = field(default_factory=lambda: _term(0.0))
+    color_angle: LossTermConfig = field(default_factory=lambda: _term(0.0))
+    weighting: Literal["fixed", "uncertainty", "softmax"] = "fixed"
+    crosstalk_kernel: str = "uniform(0.02)"  # "identity" | "uniform(<leak>)" | path to a kernel file
+    render_demosaic: Literal["bilinear", "half"] = "bilinear"
+    allow_random_backbones: bool = False  # tests only: VGG/LPIPS without pretrained weights
+    drop_missing_pretrained: bool = False  # leave out VGG/LPIPS (one printed line) if weights are missing
+
+    def terms(self) -> dict[str, LossTermConfig]:
+        """All term entries by name, in the order they are declared."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), LossTermConfig)}
+
+    def active_terms(self) -> dict[str, LossTermConfig]:
+        """Term entries whose weight is non-zero at some point of training."""
+        return {name: term for name, term in self.terms().items() if term.active}
+
+    @property
+    def crosstalk_leak(self) -> float | None:
+        """The leak of a "uniform(x)" crosstalk kernel, 0.0 for "identity", None for a path."""
+        if self.crosstalk_kernel == "identity":
+            return 0.0
+        match = _UNIFORM_KERNEL.match(self.crosstalk_kernel)
+        return float(match.group(1)) if match else None
+
+    def validate(self, key: str = "loss") -> None:
+        """Check every term, the crosstalk kernel spelling, and that some term is on."""
+        _validate_children(self, key)
+        kernel = self.crosstalk_kernel.strip()
+        _require(kernel != "", f"{key}.crosstalk_kernel", "must be 'identity', 'uniform(x)' or a path", kernel)
+        if kernel.startswith("uniform"):
+            leak = self.crosstalk_leak
+            _require(leak is not None and leak < 0.25, f"{key}.crosstalk_kernel",
+                     "must read 'uniform(x)' with a leak 0 <= x < 0.25", kernel)
+        _require(bool(self.active_terms()), key, "needs at least one term with a weight > 0",
+                 {name: term.weight for name, term in self.terms().items()})
+
+
+# ---------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, learning-rate schedule and loop cadence; all counts are in iterations."""
+
+    iterations: int = 100_000
+    batch_size: int = 1
+    lr: float = 1e-4
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_iters: int = 0
+    step_milestones: list[int] = field(default_factory=list)  # schedule "step": multiply lr by step_gamma
+    step_gamma: float = 0.1
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    grad_clip: float | None = None  # max global grad norm
+    accumulate: int = 1  # micro-batches per optimiser step
+    ema: float | None = None  # decay of an exponential moving average of the weights
+    val_every: int = 1000  # 0: never
+    ckpt_every: int = 1000  # 0: only at the end
+    log_every: int = 50
+    max_nonfinite: int = 10  # consecutive non-finite losses before training stops
+
+    def validate(self, key: str = "train") -> None:
+        """Check values: positive counts and lr, milestones increasing inside the run, 0 < ema < 1."""
+        _require(self.iterations >= 1, f"{key}.iterations", "must be >= 1", self.iterations)
+        _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        _require(self.lr > 0 and math.isfinite(self.lr), f"{key}.lr", "must be a finite number > 0", self.lr)
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0", self.weight_decay)
+        _require(0 <= self.warmup_iters < self.iterations, f"{key}.warmup_iters",
+                 f"must be in [0, iterations={self.iterations})", self.warmup_iters)
+        milestones = self.step_milestones
+        _require(all(0 < m < self.iterations for m in milestones), f"{key}.step_milestones",
+                 f"must lie in (0, iterations={self.iterations})", milestones)
+        _require(all(a < b for a, b in zip(milestones, milestones[1:])), f"{key}.step_milestones",
+                 "must be strictly increasing", milestones)
+        _require(0 < self.step_gamma <= 1, f"{key}.step_gamma", "must be in (0, 1]", self.step_gamma)
+        if self.grad_clip is not None:
+            _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null", self.grad_clip)
+        _require(self.accumulate >= 1, f"{key}.accumulate", "must be >= 1", self.accumulate)
+        if self.ema is not None:
+            _require(0 < self.ema < 1, f"{key}.ema", "must be a decay in (0, 1) or null", self.ema)
+        for name in ("val_every", "ckpt_every"):
+            _require(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0 (0 disables)", getattr(self, name))
+        _require(self.log_every >= 1, f"{key}.log_every", "must be >= 1", self.log_every)
+        _require(self.max_nonfinite >= 1, f"{key}.max_nonfinite", "must be >= 1", self.max_nonfinite)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation split, tiled inference and the classical baseline."""
+
+    split: Literal["train", "val", "test"] = "test"
+    tile: int = 512  # model-input pixels per tile side; 0: whole images
+    overlap: int = 32  # pixels two neighbouring tiles share (blended)
+    classical: Literal["wavelet", "bm3d", "none"] = "wavelet"
+    max_images: int | None = None
+    quantize_8bit: bool = True  # round sRGB to 8 bits before metrics, as SID's published numbers did
+
+    def validate(self, key: str = "eval") -> None:
+        """Check values: tile >= 0, 0 <= overlap < tile when tiling, max_images >= 1."""
+        _require(self.tile >= 0, f"{key}.tile", "must be >= 0 (0: no tiling)", self.tile)
+        _require(self.overlap >= 0, f"{key}.overlap", "must be >= 0", self.overlap)
+        if self.tile > 0:
+            _require(self.overlap < self.tile, f"{key}.overlap", f"must be < tile={self.tile}", self.overlap)
+        if self.max_images is not None:
+            _require(self.max_images >= 1, f"{key}.max_images", "must be >= 1 or null", self.max_images)
+
+
+# ----------------------------------------------------------------------- experiment
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: data, model, loss, training, evaluation, where to write, on what."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/exp"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    seed: int = 0
+
+    def validate(self, key: str = "") -> None:
+        """Check every section and the top-level values; raises ConfigError naming the key."""
+        _validate_children(self, key)
+        prefix = f"{key}." if key else ""
+        _require(self.output_dir != "", f"{prefix}output_dir", "must be a non-empty path", self.output_dir)
+        _require(bool(_DEVICE.match(self.device)), f"{prefix}device", "must be auto, cpu, cuda or cuda:N",
+                 self.device)
+        _require(self.seed >= 0, f"{prefix}seed", "must be >= 0", self.seed)
+
+
+__all__ = [
+    "CFA_PERIOD", "VGG16_LAYERS", "DataConfig", "ModelConfig", "LossTermConfig", "CharbonnierTermConfig",
+    "RobustTermConfig", "PerceptualTermConfig", "LpipsTermConfig", "LossConfig", "TrainConfig",
+    "EvalConfig", "ExperimentConfig",
+]
