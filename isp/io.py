@@ -99,7 +99,7 @@ def _extract(raw, path: Path) -> tuple[np.ndarray, CameraMeta]:
     desc = raw.color_desc.decode("ascii", "replace")
     if raw.num_colors != 3 or not set(desc) <= set("RGB"):
         raise RawReadError(path, f"unsupported sensor colours '{desc}' (only R, G, B CFAs are supported)")
-    mosaic = np.ascontiguousarray(raw.raw_image_visible, dtype=np.uint16)
+    mosaic = np.array(raw.raw_image_visible, dtype=np.uint16, copy=True)  # LibRaw frees its buffer on close
     period = pattern.shape[0]
     if pattern.shape != (period, period) or period not in (2, 6):
         raise RawReadError(path, f"CFA period {pattern.shape} is neither Bayer (2x2) nor X-Trans (6x6)")
@@ -167,13 +167,15 @@ def write_dng(path: str | os.PathLike, mosaic: np.ndarray, meta: CameraMeta) -> 
     `read_raw` gives for this file; the mosaic round-trips exactly. Written atomically.
     """
     from pidng.core import RAW2DNG
-    from pidng.defs import CalibrationIlluminant, DNGVersion, Orientation, PhotometricInterpretation
+    from pidng.defs import CalibrationIlluminant, Orientation, PhotometricInterpretation
     from pidng.dng import DNGTags, Tag, Type
 
     path = Path(path)
     mosaic = np.asarray(mosaic)
     if mosaic.ndim != 2 or mosaic.dtype != np.uint16:
         raise InputError(f"write_dng needs a 2-D uint16 mosaic, got {mosaic.dtype} {mosaic.shape}")
+    if min(mosaic.shape) < 22:
+        raise InputError(f"mosaic {mosaic.shape} is too small: LibRaw reads no RAW under 22 pixels a side")
     cfa = validate_cfa(np.asarray(meta.cfa), "write_dng")
     period = cfa.shape[0]
     if mosaic.shape[0] % period or mosaic.shape[1] % period:
@@ -220,8 +222,6 @@ def write_dng(path: str | os.PathLike, mosaic: np.ndarray, meta: CameraMeta) -> 
         tags.set(Tag.FNumber, _rationals([meta.fnumber], signed=False))
     if meta.iso:
         tags.set((34855, Type.Short), [int(round(meta.iso))])  # EXIF ISOSpeedRatings
-    tags.set(Tag.DNGVersion, DNGVersion.V1_4)
-    tags.set(Tag.DNGBackwardVersion, DNGVersion.V1_2)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dng", dir=path.parent)

@@ -121,6 +121,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config schema: unsupported annotation {tp!r} for '{key}'")
 
 
+def _field_default(cls: type, name: str) -> Any:
+    """The default value of field `name` of dataclass `cls` (calling its default_factory)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return f.default
+    return dataclasses.MISSING
+
+
 def _build(cls: type[T], tree: Mapping[str, Any], key: str = "") -> T:
     """Build dataclass `cls` from a nested mapping; missing keys keep the defaults."""
     types_by_name = _field_types(cls)
@@ -129,7 +139,13 @@ def _build(cls: type[T], tree: Mapping[str, Any], key: str = "") -> T:
         full = f"{key}.{name}" if key else str(name)
         if name not in types_by_name:
             raise _unknown_key(full, str(name), types_by_name)
-        kwargs[name] = _coerce(value, types_by_name[name], full)
+        tp = types_by_name[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            # a partial section starts from this field's default (e.g. the perceptual ramp), not the class's
+            default = _field_default(cls, name)
+            if dataclasses.is_dataclass(default):
+                value = deep_merge(dataclasses.asdict(default), value)
+        kwargs[name] = _coerce(value, tp, full)
     return cls(**kwargs)
 
 
@@ -228,12 +244,21 @@ def _override_type(dotted: str, source: str) -> Any:
 
 
 def _accepts_str(tp: Any) -> bool:
+    """True when the annotation allows text (str, or a Literal of strings)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         return any(_accepts_str(arg) for arg in typing.get_args(tp))
     if origin is Literal:
         return any(isinstance(choice, str) for choice in typing.get_args(tp))
     return tp is str
+
+
+def _accepts_non_str_scalar(tp: Any) -> bool:
+    """True when the annotation allows int, float or bool (so a parsed number must stay one)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_accepts_non_str_scalar(arg) for arg in typing.get_args(tp))
+    return tp in (int, float, bool)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -260,14 +285,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
         _check_keys(value, tp, key, source)
     return key, value
-
-
-def _accepts_non_str_scalar(tp: Any) -> bool:
-    """True when the annotation allows int, float or bool (so a parsed number must stay one)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return any(_accepts_non_str_scalar(arg) for arg in typing.get_args(tp))
-    return tp in (int, float, bool)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
@@ -306,7 +323,7 @@ def save_resolved(config: ExperimentConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Resolved experiment config, written by rawrestore; load it with load_config.\n"
-    text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
     path.write_text(header + text, encoding="utf-8")
     return path
 

@@ -235,10 +235,6 @@ class LpipsTermConfig(LossTermConfig):
     weights: str | None = None
 
 
-def _term(weight: float, **kwargs: object) -> LossTermConfig:
-    return LossTermConfig(weight=weight, **kwargs)  # type: ignore[arg-type]
-
-
 @dataclass
 class LossConfig:
     """The loss stack: one entry per term, how terms are weighted, and how sRGB is rendered.
@@ -247,21 +243,21 @@ class LossConfig:
     over the last 30% of iterations, LPIPS 0.02, CIEDE2000 0.02, SSIM 0.05; the rest off.
     """
 
-    raw_l1: LossTermConfig = field(default_factory=lambda: _term(1.0))
+    raw_l1: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=1.0))
     charbonnier: CharbonnierTermConfig = field(default_factory=CharbonnierTermConfig)
     robust: RobustTermConfig = field(default_factory=RobustTermConfig)
-    crosstalk: LossTermConfig = field(default_factory=lambda: _term(0.10))
+    crosstalk: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.10))
     perceptual: PerceptualTermConfig = field(
         default_factory=lambda: PerceptualTermConfig(
             weight=0.02, schedule="linear", end_weight=0.10, ramp_start=0.7, ramp_end=1.0
         )
     )
     lpips: LpipsTermConfig = field(default_factory=lambda: LpipsTermConfig(weight=0.02))
-    delta_e00: LossTermConfig = field(default_factory=lambda: _term(0.02))
-    ssim: LossTermConfig = field(default_factory=lambda: _term(0.05))
-    ms_ssim: LossTermConfig = field(default_factory=lambda: _term(0.0))
-    edge: LossTermConfig = field(default_factory=lambda: _term(0.0))
-    color_angle: LossTermConfig = field(default_factory=lambda: _term(0.0))
+    delta_e00: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.02))
+    ssim: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.05))
+    ms_ssim: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
+    edge: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
+    color_angle: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
     weighting: Literal["fixed", "uncertainty", "softmax"] = "fixed"
     crosstalk_kernel: str = "uniform(0.02)"  # "identity" | "uniform(<leak>)" | path to a kernel file
     render_demosaic: Literal["bilinear", "half"] = "bilinear"

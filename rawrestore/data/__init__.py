@@ -1,0 +1,1 @@
+"""RAW pair data: SID/ELD manifests, datasets and synthetic data."""

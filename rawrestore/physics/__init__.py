@@ -1,0 +1,52 @@
+"""Sensor physics on RAW mosaics: exposure alignment, ELD noise synthesis, pixel crosstalk."""
+from rawrestore.physics.align import SID_RATIO_CAP, align_exposure, exposure_ratio
+from rawrestore.physics.crosstalk import (
+    Crosstalk,
+    adjoint_kernel,
+    apply_crosstalk,
+    apply_crosstalk_transpose,
+    build_kernel,
+    identity_kernel,
+    load_kernel,
+    site_energy,
+    uniform_kernel,
+    validate_kernel,
+)
+from rawrestore.physics.noise import (
+    CameraNoiseFit,
+    NoiseParams,
+    add_noise,
+    available_cameras,
+    dn_to_normalized,
+    load_noise_fit,
+    normalized_to_dn,
+    sample_noise_params,
+    synthesize_dark,
+    tukey_lambda_variance,
+)
+
+__all__ = [
+    "SID_RATIO_CAP",
+    "align_exposure",
+    "exposure_ratio",
+    "Crosstalk",
+    "adjoint_kernel",
+    "apply_crosstalk",
+    "apply_crosstalk_transpose",
+    "build_kernel",
+    "identity_kernel",
+    "load_kernel",
+    "site_energy",
+    "uniform_kernel",
+    "validate_kernel",
+    "CameraNoiseFit",
+    "NoiseParams",
+    "add_noise",
+    "available_cameras",
+    "dn_to_normalized",
+    "load_noise_fit",
+    "normalized_to_dn",
+    "sample_noise_params",
+    "synthesize_dark",
+    "tukey_lambda_variance",
+]
