@@ -184,6 +184,15 @@ def delta_e2000(
     for name, weight in (("kL", kL), ("kC", kC), ("kH", kH)):
         if not weight > 0:
             raise InputError(f"delta_e2000: {name} must be > 0, got {weight}")
+    out_dtype = torch.promote_types(lab1.dtype, lab2.dtype)
+    if out_dtype in (torch.float16, torch.bfloat16):
+        # 25^7 and C^7 overflow half precision; compute in float32 and hand back the input dtype.
+        return _delta_e2000(lab1.float(), lab2.float(), kL, kC, kH).to(out_dtype)
+    return _delta_e2000(lab1, lab2, kL, kC, kH)
+
+
+def _delta_e2000(lab1: torch.Tensor, lab2: torch.Tensor, kL: float, kC: float, kH: float) -> torch.Tensor:
+    """CIEDE2000 core, validated inputs. lab1, lab2 (B,3,...) CIELAB -> (B,...) dE00."""
     L1, a1, b1 = lab1.unbind(dim=1)
     L2, a2, b2 = lab2.unbind(dim=1)
 

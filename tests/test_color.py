@@ -90,6 +90,15 @@ def test_delta_e2000_shapes_and_broadcasting():
     assert delta_e2000(image[:, :, 0, 0], reference[:, :, 0, 0]).shape == (2,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_delta_e2000_half_precision_does_not_overflow(dtype):
+    table = _sharma_table()
+    got = delta_e2000(torch.tensor(table[:, 0:3], dtype=dtype), torch.tensor(table[:, 3:6], dtype=dtype))
+    assert got.dtype == dtype
+    # Only the rounding of the inputs and output remains (bfloat16 keeps 8 bits of mantissa).
+    np.testing.assert_allclose(got.double().numpy(), table[:, 6], rtol=0.05, atol=0.3)
+
+
 def test_delta_e2000_identical_inputs_are_zero():
     lab = torch.tensor(_random_lab(np.random.default_rng(1), 50))
     assert delta_e2000(lab, lab).abs().max().item() == 0.0

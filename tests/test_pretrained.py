@@ -133,6 +133,7 @@ def test_load_vgg19_features_from_explicit_path(tmp_path, empty_hub):
     path = tmp_path / "vgg19_features.pth"
     torch.save(state, path)
     features = load_vgg19_features(path)
+    path.unlink()  # 80 MB; do not leave it in pytest's retained tmp dirs
     assert len(features) == 37  # 16 conv + 16 ReLU + 5 max-pool: VGG-19, not VGG-16
     for key, value in features.state_dict().items():
         torch.testing.assert_close(value, state[f"features.{key}"], atol=0, rtol=0)

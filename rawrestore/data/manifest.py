@@ -121,8 +121,11 @@ def read_sid_list(path: str | os.PathLike, split: str, camera: str) -> list[Pair
     path = Path(path)
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
-    lines = _read_lines(path)
-    return [parse_list_line(text, split, camera, f"{path}:{number}") for number, text in lines]
+    return [record for _, record in _numbered_records(path, split, camera)]
+
+
+def _numbered_records(path: Path, split: str, camera: str) -> list[tuple[int, PairRecord]]:
+    return [(number, parse_list_line(text, split, camera, f"{path}:{number}")) for number, text in _read_lines(path)]
 
 
 def read_eld_list(path: str | os.PathLike, sid_records: Iterable[PairRecord]) -> list[PairRecord]:
@@ -218,7 +221,13 @@ def manifest_from_root(root: str | os.PathLike, camera: str,
         if not list_path.is_file():
             hint = "pass --lists DIR" if lists_dir is None else "check --lists"
             raise DataError(f"no {list_path.name} in {folder}; {hint} (the repository ships SID's lists in data_manifests/lists)")
-        out[split] = [resolve_record(r, base) for r in read_sid_list(list_path, split, camera)]
+        resolved = []
+        for number, record in _numbered_records(list_path, split, camera):
+            try:
+                resolved.append(resolve_record(record, base))
+            except DataError as exc:
+                raise DataError(f"{list_path}:{number}: {exc}") from None
+        out[split] = resolved
     return out
 
 

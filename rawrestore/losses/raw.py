@@ -8,6 +8,7 @@ full-resolution mosaic only: give it packed RAW together with the CFA and it unp
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -130,12 +131,16 @@ def crosstalk_consistency(
 class L1Loss(nn.Module):
     """Module form of `l1`. (B,C,H,W), (B,C,H,W) -> ()."""
 
+    domain: ClassVar[str] = "raw"
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return l1(pred, target)
 
 
 class CharbonnierLoss(nn.Module):
     """Module form of `charbonnier` with a fixed eps. (B,C,H,W), (B,C,H,W) -> ()."""
+
+    domain: ClassVar[str] = "raw"
 
     def __init__(self, eps: float = 1e-3):
         super().__init__()
@@ -152,6 +157,8 @@ class CharbonnierLoss(nn.Module):
 
 class RobustLoss(nn.Module):
     """Module form of `robust` with fixed alpha and scale. (B,C,H,W), (B,C,H,W) -> ()."""
+
+    domain: ClassVar[str] = "raw"
 
     def __init__(self, alpha: float = 1.0, scale: float = 0.01):
         super().__init__()
@@ -170,6 +177,8 @@ class RobustLoss(nn.Module):
 
 class CrosstalkConsistencyLoss(nn.Module):
     """Module form of `crosstalk_consistency`; the (P,P,3,3) kernel is a buffer. mosaics (B,1,H,W) -> ()."""
+
+    domain: ClassVar[str] = "mosaic"
 
     def __init__(self, kernel: torch.Tensor):
         super().__init__()

@@ -7,6 +7,8 @@ every term. The network-based terms (VGG perceptual, LPIPS) live in `perceptual.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytorch_msssim
 import torch
 import torch.nn.functional as F
@@ -146,6 +148,8 @@ def color_angle(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class DeltaE00Loss(nn.Module):
     """Module form of `delta_e00`. (B,3,H,W), (B,3,H,W) -> ()."""
 
+    domain: ClassVar[str] = "srgb"
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return delta_e00(pred, target)
 
@@ -153,12 +157,16 @@ class DeltaE00Loss(nn.Module):
 class SSIMLoss(nn.Module):
     """Module form of `ssim_loss` (1 - SSIM). (B,3,H,W), (B,3,H,W) -> ()."""
 
+    domain: ClassVar[str] = "srgb"
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return ssim_loss(pred, target)
 
 
 class MSSSIMLoss(nn.Module):
     """Module form of `ms_ssim_loss` (1 - MS-SSIM), with its small-crop `fallback` flag. (B,3,H,W) x2 -> ()."""
+
+    domain: ClassVar[str] = "srgb"
 
     def __init__(self, fallback: bool = False):
         super().__init__()
@@ -174,12 +182,16 @@ class MSSSIMLoss(nn.Module):
 class LaplacianEdgeLoss(nn.Module):
     """Module form of `laplacian_edge`. (B,3,H,W), (B,3,H,W) -> ()."""
 
+    domain: ClassVar[str] = "srgb"
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return laplacian_edge(pred, target)
 
 
 class ColorAngleLoss(nn.Module):
     """Module form of `color_angle` (radians). (B,3,H,W), (B,3,H,W) -> ()."""
+
+    domain: ClassVar[str] = "srgb"
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return color_angle(pred, target)

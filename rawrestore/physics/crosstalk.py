@@ -22,9 +22,15 @@ four edge neighbours and keeping `1 - 4 alpha`: centre tap `1 - 4 alpha`, edge t
 diagonals 0, the same in both forms, so interior energy is kept exactly. A physically specified
 scatter kernel ("a pixel at site s sends fraction S[s, d] to offset d") becomes gather form with
 `adjoint_kernel(S)`.
+
+Implementation: after `pixel_unshuffle(P)` each CFA site is a channel, and the per-site 3x3
+operator becomes one ordinary 3x3 convolution from P*P to P*P channels (a tap at offset d from
+site s reads site (s + d) % P of the block (s + d) // P away). `conv2d` applies it and
+`conv_transpose2d` with the same weight is its exact adjoint; no Python loop touches pixels.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -91,42 +97,54 @@ def apply_crosstalk(mosaic: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     Differentiable in both arguments; runs on the mosaic's device and dtype (the kernel is cast).
     """
     _check_inputs(mosaic, kernel)
-    batch, channels, height, width = mosaic.shape
-    period = kernel.shape[0]
-    height_p, width_p = _ceil_to(height, period), _ceil_to(width, period)
-    weights = kernel.to(device=mosaic.device, dtype=mosaic.dtype)
-    # One zero border for the 3x3 taps, plus zeros up to whole periods so sites line up in blocks.
-    padded = F.pad(mosaic, (1, 1 + width_p - width, 1, 1 + height_p - height))
-    block_shape = (batch, channels, height_p // period, period, width_p // period, period)
-    out = None
-    for dy in range(3):
-        for dx in range(3):
-            shifted = padded[..., dy:dy + height_p, dx:dx + width_p].reshape(block_shape)
-            term = shifted * weights[:, :, dy, dx].reshape(1, 1, 1, period, 1, period)
-            out = term if out is None else out + term
-    return out.reshape(batch, channels, height_p, width_p)[..., :height, :width]
+    blocks, restore = _to_blocks(mosaic, kernel.shape[0])
+    return restore(F.conv2d(blocks, _block_weight(kernel, mosaic), padding=1))
 
 
 def apply_crosstalk_transpose(mosaic: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Adjoint of apply_crosstalk for the same kernel. mosaic (B,C,H,W), kernel (P,P,3,3) -> (B,C,H,W)."""
     _check_inputs(mosaic, kernel)
+    blocks, restore = _to_blocks(mosaic, kernel.shape[0])
+    return restore(F.conv_transpose2d(blocks, _block_weight(kernel, mosaic), padding=1))
+
+
+def _to_blocks(mosaic: torch.Tensor, period: int):
+    """(B,C,H,W) -> (B*C, P*P, H'/P, W'/P) space-to-depth of the mosaic zero-padded to whole periods, and its inverse."""
     batch, channels, height, width = mosaic.shape
-    period = kernel.shape[0]
     height_p, width_p = _ceil_to(height, period), _ceil_to(width, period)
-    weights = kernel.to(device=mosaic.device, dtype=mosaic.dtype)
-    blocks = F.pad(mosaic, (0, width_p - width, 0, height_p - height)).reshape(
-        batch, channels, height_p // period, period, width_p // period, period
-    )
-    out = None
-    for dy in range(3):
-        for dx in range(3):
-            weighted = (blocks * weights[:, :, dy, dx].reshape(1, 1, 1, period, 1, period)).reshape(
-                batch, channels, height_p, width_p
-            )
-            # The pixel at n sent k[s(n), d] * y[n] to n + d: place it there (index n + d + 1 once padded).
-            term = F.pad(weighted, (dx, 2 - dx, dy, 2 - dy))
-            out = term if out is None else out + term
-    return out[..., 1:1 + height, 1:1 + width]
+    padded = F.pad(mosaic, (0, width_p - width, 0, height_p - height)).reshape(batch * channels, 1, height_p, width_p)
+
+    def restore(blocks: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(blocks, period).reshape(batch, channels, height_p, width_p)[..., :height, :width]
+
+    return F.pixel_unshuffle(padded, period), restore
+
+
+@functools.lru_cache(maxsize=None)
+def _block_taps(period: int) -> tuple[tuple[int, ...], ...]:
+    """Where tap (site, dy, dx) lands in the block-space conv weight: (out channel, in channel, ky, kx) lists."""
+    out_ch, in_ch, ky, kx = [], [], [], []
+    for row in range(period):
+        for col in range(period):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    out_ch.append(row * period + col)
+                    in_ch.append(((row + dy) % period) * period + (col + dx) % period)
+                    ky.append((row + dy) // period + 1)
+                    kx.append((col + dx) // period + 1)
+    return tuple(out_ch), tuple(in_ch), tuple(ky), tuple(kx)
+
+
+def _block_weight(kernel: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(P,P,3,3) per-site kernel -> (P*P, P*P, 3, 3) conv weight acting on pixel_unshuffle(P) blocks.
+
+    A tap at offset d from site s reads site (s + d) % P of the block (s + d) // P away, so the
+    per-site operator is one dense-by-block 3x3 convolution (and its transpose conv the adjoint).
+    """
+    period = kernel.shape[0]
+    index = tuple(torch.tensor(v, device=like.device) for v in _block_taps(period))
+    weight = torch.zeros(period * period, period * period, 3, 3, device=like.device, dtype=like.dtype)
+    return weight.index_put(index, kernel.to(device=like.device, dtype=like.dtype).reshape(-1))
 
 
 def validate_kernel(kernel: torch.Tensor | np.ndarray, period: int, energy_preserving: bool = True,

@@ -1,0 +1,239 @@
+"""Network-based sRGB loss terms: VGG feature (perceptual) loss and LPIPS, on two renders.
+
+Both take ``(B,3,H,W)`` encoded sRGB in [0,1] and return a 0-dim tensor. Their backbones are
+frozen and kept in eval mode whatever `.train()` is called with; they are loaded offline through
+`rawrestore.pretrained` (a missing weights file is a `WeightsError` naming the file).
+
+VGG layer names follow the usual convention: `conv<block>_<n>` / `relu<block>_<n>` for the n-th
+convolution of a block and its ReLU, `pool<block>` for the block's max-pool (blocks 1-5). VGG-19
+has 2, 2, 4, 4, 4 convolutions per block (relu3_3 = features[15], relu4_3 = features[24],
+relu5_4 = features[35]); VGG-16 has 2, 2, 3, 3, 3. A name `features[:N]` taps the output of
+torchvision's ``features[:N]``: Spectroformer's (and ESRGAN's) VGG-19 ``features[:35]`` ends with
+conv5_4 BEFORE its ReLU (index 34), so `"features[:35]"` is the same tap as `"conv5_4"`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import ClassVar, Literal, Sequence
+
+import torch
+from torch import nn
+
+from rawrestore import pretrained
+from rawrestore.errors import ConfigError, InputError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DEFAULT_LAYERS",
+    "vgg_layer_names",
+    "resolve_layers",
+    "perceptual",
+    "lpips_loss",
+    "PerceptualLoss",
+    "LPIPSLoss",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_LAYERS = ("relu3_3", "relu4_3")
+_SLICE_NAME = re.compile(r"^features\[:(\d+)\]$")
+
+
+def vgg_layer_names(features: nn.Sequential) -> dict[str, int]:
+    """Names of a torchvision VGG ``features`` stack. features -> {'conv1_1': 0, 'relu1_1': 1, ..., 'pool5': 36}."""
+    names: dict[str, int] = {}
+    block, conv = 1, 0
+    for index, layer in enumerate(features):
+        if isinstance(layer, nn.Conv2d):
+            conv += 1
+            names[f"conv{block}_{conv}"] = index
+        elif isinstance(layer, nn.ReLU):
+            names[f"relu{block}_{conv}"] = index
+        elif isinstance(layer, nn.MaxPool2d):
+            names[f"pool{block}"] = index
+            block, conv = block + 1, 0
+    return names
+
+
+def resolve_layers(features: nn.Sequential, layers: Sequence[str]) -> list[int]:
+    """Indices into ``features`` of the tapped layers. names like 'relu3_3' or 'features[:35]' -> sorted unique indices."""
+    if isinstance(layers, str) or len(layers) == 0:
+        raise ConfigError(f"perceptual layers must be a non-empty list of VGG layer names, got {layers!r}")
+    names = vgg_layer_names(features)
+    indices = []
+    for name in layers:
+        match = _SLICE_NAME.match(str(name).replace(" ", ""))
+        if match:
+            stop = int(match.group(1))
+            if not 1 <= stop <= len(features):
+                raise ConfigError(f"perceptual layer {name!r}: N must be in 1..{len(features)} for this backbone")
+            indices.append(stop - 1)
+        elif name in names:
+            indices.append(names[name])
+        else:
+            raise ConfigError(
+                f"perceptual layer {name!r} is not a layer of this VGG; use names like 'relu3_3', 'conv5_4', 'pool4' or 'features[:35]'"
+            )
+    return sorted(set(indices))
+
+
+def _taps(image: torch.Tensor, features: nn.Sequential, indices: Sequence[int]) -> list[torch.Tensor]:
+    """Activations of `features` at `indices`. image (B,3,H,W) ImageNet-normalised -> list of (B,C_l,H_l,W_l)."""
+    wanted = set(indices)
+    out = []
+    x = image
+    for index, layer in enumerate(features):
+        x = layer(x)
+        if index in wanted:
+            out.append(x)
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+def perceptual(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    features: nn.Sequential,
+    indices: Sequence[int],
+    criterion: Literal["l1", "l2"] = "l1",
+    layer_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """VGG feature loss. pred, target (B,3,H,W) sRGB in [0,1] -> () sum over layers of w_l * mean criterion(phi_l(pred), phi_l(target)).
+
+    Inputs are normalised with the ImageNet mean/std before `features` (a torchvision VGG
+    ``features`` stack whose ReLUs must not be in-place when a conv output is tapped; the
+    `PerceptualLoss` module sees to that). 'l1' is the mean absolute difference, 'l2' the mean
+    squared difference; `layer_weights` default to 1 per tapped layer (in index order). The
+    target's features are computed without a graph unless the target itself requires grad.
+    """
+    if criterion not in ("l1", "l2"):
+        raise InputError(f"perceptual: criterion must be 'l1' or 'l2', got {criterion!r}")
+    for label, x in (("pred", pred), ("target", target)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"perceptual: {label} must be a (B,3,H,W) sRGB tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if pred.shape != target.shape:
+        raise InputError(f"perceptual: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    indices = sorted(set(indices))
+    weights = [1.0] * len(indices) if layer_weights is None else [float(w) for w in layer_weights]
+    if len(weights) != len(indices):
+        raise InputError(f"perceptual: {len(weights)} layer weights for {len(indices)} tapped layers")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=pred.dtype, device=pred.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=pred.dtype, device=pred.device).view(1, 3, 1, 1)
+    pred_taps = _taps((pred - mean) / std, features, indices)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
+        target_taps = _taps((target - mean) / std, features, indices)
+    total = pred.new_zeros(())
+    for weight, p, t in zip(weights, pred_taps, target_taps):
+        difference = p - t
+        total = total + weight * (difference.abs().mean() if criterion == "l1" else (difference * difference).mean())
+    return total
+
+
+def _frozen_copy(features: nn.Sequential, last_index: int) -> nn.Sequential:
+    """``features[:last_index + 1]`` sharing the layers, with out-of-place ReLUs. -> frozen nn.Sequential in eval mode."""
+    # In-place ReLUs would overwrite a tapped conv output (e.g. conv5_4) before the loss reads it.
+    layers = [nn.ReLU(inplace=False) if isinstance(layer, nn.ReLU) else layer for layer in list(features)[: last_index + 1]]
+    trunk = nn.Sequential(*layers)
+    trunk.requires_grad_(False)
+    return trunk.eval()
+
+
+class PerceptualLoss(nn.Module):
+    """VGG perceptual loss (see `perceptual`). (B,3,H,W), (B,3,H,W) sRGB in [0,1] -> ().
+
+    `features` is a torchvision VGG ``features`` stack (build it with `from_pretrained`); only the
+    layers up to the deepest tap are kept. The trunk is frozen and stays in eval mode. Its
+    parameters are not part of `LossStack` checkpoints (they are reloaded from the weights file).
+    """
+
+    domain: ClassVar[str] = "srgb"
+    frozen_backbone: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        features: nn.Sequential,
+        layers: Sequence[str] = DEFAULT_LAYERS,
+        criterion: Literal["l1", "l2"] = "l1",
+        layer_weights: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        if criterion not in ("l1", "l2"):
+            raise ConfigError(f"perceptual criterion must be 'l1' or 'l2', got {criterion!r}")
+        self.indices = resolve_layers(features, layers)
+        if layer_weights is not None and len(layer_weights) != len(self.indices):
+            raise ConfigError(f"perceptual: {len(layer_weights)} layer weights for {len(self.indices)} distinct layers {list(layers)}")
+        self.layers = tuple(layers)
+        self.criterion = criterion
+        self.layer_weights = None if layer_weights is None else tuple(float(w) for w in layer_weights)
+        self.features = _frozen_copy(features, max(self.indices))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        arch: str = "vgg19",
+        weights_path: str | Path | None = None,
+        layers: Sequence[str] = DEFAULT_LAYERS,
+        criterion: Literal["l1", "l2"] = "l1",
+        layer_weights: Sequence[float] | None = None,
+        allow_random: bool = False,
+    ) -> PerceptualLoss:
+        """Load the ImageNet `arch` ('vgg19' or 'vgg16') offline via rawrestore.pretrained. -> PerceptualLoss; WeightsError if missing."""
+        if arch not in ("vgg19", "vgg16"):
+            raise ConfigError(f"perceptual backbone must be 'vgg19' or 'vgg16', got {arch!r}")
+        features = pretrained.load_features(arch, weights_path, allow_random=allow_random)
+        return cls(features, layers=layers, criterion=criterion, layer_weights=layer_weights)
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        super().train(mode)
+        self.features.eval()  # the backbone is a fixed measuring device
+        return self
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return perceptual(pred, target, self.features, self.indices, self.criterion, self.layer_weights)
+
+    def extra_repr(self) -> str:
+        return f"layers={list(self.layers)}, indices={self.indices}, criterion={self.criterion}"
+
+
+def lpips_loss(pred: torch.Tensor, target: torch.Tensor, net: nn.Module) -> torch.Tensor:
+    """Mean LPIPS. pred, target (B,3,H,W) sRGB in [0,1], net an lpips.LPIPS -> () (inputs mapped to [-1,1])."""
+    for label, x in (("pred", pred), ("target", target)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"lpips_loss: {label} must be a (B,3,H,W) sRGB tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if pred.shape != target.shape:
+        raise InputError(f"lpips_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    return net(pred * 2.0 - 1.0, target * 2.0 - 1.0).mean()
+
+
+class LPIPSLoss(nn.Module):
+    """LPIPS v0.1 as a loss (see `lpips_loss`). (B,3,H,W), (B,3,H,W) sRGB in [0,1] -> ().
+
+    `net` is an `lpips.LPIPS` built by `rawrestore.pretrained.build_lpips` (`from_pretrained`);
+    frozen, kept in eval mode, left out of `LossStack` checkpoints.
+    """
+
+    domain: ClassVar[str] = "srgb"
+    frozen_backbone: ClassVar[bool] = True
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise InputError(f"LPIPSLoss needs an lpips.LPIPS module, got {type(net).__name__}")
+        net.requires_grad_(False)
+        self.net = net.eval()
+
+    @classmethod
+    def from_pretrained(cls, net: str = "alex", weights_path: str | Path | None = None, allow_random: bool = False) -> LPIPSLoss:
+        """LPIPS with the offline `net` trunk ('alex', 'vgg', 'squeeze'). -> LPIPSLoss; WeightsError if missing."""
+        return cls(pretrained.build_lpips(net, weights_path, allow_random=allow_random))
+
+    def train(self, mode: bool = True) -> LPIPSLoss:
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lpips_loss(pred, target, self.net)
