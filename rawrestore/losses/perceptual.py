@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
@@ -141,6 +141,27 @@ def _frozen_copy(features: nn.Sequential, last_index: int) -> nn.Sequential:
     return trunk.eval()
 
 
+def _exclude_from_checkpoints(module: nn.Module) -> None:
+    """Keep a frozen backbone out of state_dict(); loading a state without it keeps the current tensors."""
+
+    def drop(owner: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+        if not getattr(owner, "_state_with_backbone", False):
+            for key in [key for key in state if key.startswith(prefix)]:
+                del state[key]
+
+    def restore(owner: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+        owner._state_with_backbone = True
+        try:
+            current = owner.state_dict(prefix=prefix, keep_vars=True)
+        finally:
+            owner._state_with_backbone = False
+        for key, tensor in current.items():
+            state.setdefault(key, tensor.detach())
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_pre_hook(restore)
+
+
 class PerceptualLoss(nn.Module):
     """VGG perceptual loss (see `perceptual`). (B,3,H,W), (B,3,H,W) sRGB in [0,1] -> ().
 
@@ -169,6 +190,7 @@ class PerceptualLoss(nn.Module):
         self.criterion = criterion
         self.layer_weights = None if layer_weights is None else tuple(float(w) for w in layer_weights)
         self.features = _frozen_copy(features, max(self.indices))
+        _exclude_from_checkpoints(self)
 
     @classmethod
     def from_pretrained(
@@ -224,6 +246,7 @@ class LPIPSLoss(nn.Module):
             raise InputError(f"LPIPSLoss needs an lpips.LPIPS module, got {type(net).__name__}")
         net.requires_grad_(False)
         self.net = net.eval()
+        _exclude_from_checkpoints(self)
 
     @classmethod
     def from_pretrained(cls, net: str = "alex", weights_path: str | Path | None = None, allow_random: bool = False) -> LPIPSLoss:

@@ -176,7 +176,7 @@ class RobustLoss(nn.Module):
 
 
 class CrosstalkConsistencyLoss(nn.Module):
-    """Module form of `crosstalk_consistency`; the (P,P,3,3) kernel is a buffer. mosaics (B,1,H,W) -> ()."""
+    """Module form of `crosstalk_consistency`; the (P,P,3,3) kernel is a non-persistent buffer. mosaics (B,1,H,W) -> ()."""
 
     domain: ClassVar[str] = "mosaic"
 
@@ -184,7 +184,8 @@ class CrosstalkConsistencyLoss(nn.Module):
         super().__init__()
         if not isinstance(kernel, torch.Tensor) or kernel.ndim != 4 or kernel.shape[2:] != (3, 3) or kernel.shape[0] != kernel.shape[1]:
             raise InputError(f"crosstalk kernel must be a (P,P,3,3) tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}")
-        self.register_buffer("kernel", kernel.detach().clone())
+        # Not persistent: the kernel comes from the config, not from a checkpoint.
+        self.register_buffer("kernel", kernel.detach().clone(), persistent=False)
 
     def forward(self, pred_mosaic: torch.Tensor, aligned_input_mosaic: torch.Tensor, cfa=None, packed: bool = False) -> torch.Tensor:
         return crosstalk_consistency(pred_mosaic, aligned_input_mosaic, self.kernel, cfa=cfa, packed=packed)

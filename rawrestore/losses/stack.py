@@ -139,8 +139,8 @@ class LossStack(nn.Module):
         self.term_names = tuple(name for name in active if name not in self.dropped)
         if not self.term_names:
             raise ConfigError("loss: every active term was left out for missing pretrained weights; turn on another term")
-        self.terms = nn.ModuleDict({name: module for name, module in built.items() if module is not None and name in self.term_names})
-        self.domains = {name: ("mosaic" if name == "crosstalk" else LOSSES[name].domain) for name in self.term_names}
+        self.terms = nn.ModuleDict({name: built[name] for name in self.term_names if built.get(name) is not None})
+        self.domains = {name: LOSSES[name].domain for name in self.term_names}
 
         kept = {name: active[name] for name in self.term_names}
         if config.weighting == "fixed":
@@ -163,12 +163,12 @@ class LossStack(nn.Module):
         self.renders_last_step += 1
         return self.isp(mosaic, batch["cfa"], batch["wb"], batch["cam_to_srgb"], packed=False)
 
-    def _crosstalk_term(self, cfa: Any) -> CrosstalkConsistencyLoss:
-        """The crosstalk module for the batch's CFA period, built on first use."""
+    def _crosstalk_term(self, cfa: Any, device: torch.device) -> CrosstalkConsistencyLoss:
+        """The crosstalk module for the batch's CFA period, built on first use (when cfa_period was not given)."""
         period = int(torch.as_tensor(cfa).shape[-1])
         module = self.terms["crosstalk"] if "crosstalk" in self.terms else None
         if module is None:
-            module = CrosstalkConsistencyLoss(build_kernel(self.crosstalk_spec, period))
+            module = CrosstalkConsistencyLoss(build_kernel(self.crosstalk_spec, period)).to(device)
             self.terms["crosstalk"] = module
         if module.period != period:
             raise InputError(f"crosstalk kernel is for CFA period {module.period} but the batch has period {period}; one stack per camera")
@@ -190,7 +190,7 @@ class LossStack(nn.Module):
         values: dict[str, torch.Tensor] = {}
 
         def run(name: str, *args: Any) -> None:
-            module = self._crosstalk_term(cfa) if name == "crosstalk" else self.terms[name]
+            module = self._crosstalk_term(cfa, pred.device) if name == "crosstalk" else self.terms[name]
             with torch.set_grad_enabled(torch.is_grad_enabled() and (learnable or weights[name] > 0)):
                 values[name] = module(*args)
 
