@@ -93,10 +93,13 @@ def unpack_bayer(packed: torch.Tensor, cfa) -> torch.Tensor:
         cfa = cfa[0]
     if packed.ndim != 4 or packed.shape[1] != 4:
         raise InputError(f"packed Bayer RAW must be (B,4,h,w), got {tuple(packed.shape)}")
-    sites = bayer_sites(cfa)
-    # pixel_shuffle order is (0,0), (0,1), (1,0), (1,1): put each packed channel at its site.
-    order = [sites.index((i, j)) for i in range(2) for j in range(2)]
-    return F.pixel_shuffle(packed[:, order], 2)
+    return F.pixel_shuffle(packed[:, bayer_site_order(cfa)], 2)
+
+
+def bayer_site_order(cfa) -> list[int]:
+    """Packed channel (R, G, B, G2 order) found at each site (0,0), (0,1), (1,0), (1,1): pixel_shuffle's order. cfa (2,2)."""
+    sites = bayer_sites(torch.as_tensor(cfa))
+    return [sites.index((i, j)) for i in range(2) for j in range(2)]
 
 
 def pack_xtrans(mosaic: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,11 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .cfa import as_batched_cfa, unpack
+from . import fast, ops
+from .cfa import as_batched_cfa, bayer_site_order, unpack
 from .errors import InputError
 from .io import read_raw
 from .meta import CameraMeta
@@ -34,20 +35,46 @@ def render(
     With `libraw_wb` the gains are scaled so the smallest is 1, as LibRaw does.
     Gradients are finite everywhere; at and beyond a clip point see `isp.ops` (clamp semantics).
     """
-    if packed:
-        raw = unpack(raw, torch.as_tensor(cfa)[0] if torch.as_tensor(cfa).ndim == 3 else cfa)
-    if raw.ndim != 4 or raw.shape[1] != 1:
-        raise InputError(f"render needs a (B,1,H,W) mosaic or packed=True, got {tuple(raw.shape)}")
     batch = raw.shape[0]
-    cfa = as_batched_cfa(cfa, batch, raw.device)
-    gains = torch.as_tensor(wb, dtype=raw.dtype, device=raw.device)
-    gains = gains.expand(batch, 3) if gains.ndim == 1 else gains
-    if libraw_wb:
-        gains = ops.libraw_wb_scale(gains)
-    balanced = torch.clamp(ops.white_balance(raw, cfa, gains), 0.0, 1.0)
-    rgb = ops.demosaic(balanced, cfa, demosaic)
+    sites = _shared_bayer_sites(raw, cfa, packed) if demosaic == "bilinear" else None
+    if sites is not None:
+        # Same values as the generic path below, computed on the four packed Bayer sites.
+        cfa = as_batched_cfa(cfa, batch, raw.device)
+        site_gains = torch.gather(_render_gains(wb, batch, raw, libraw_wb), 1, cfa.flatten(1))[..., None, None]
+        balanced = torch.clamp(sites * site_gains, 0.0, 1.0)
+        rgb = F.pixel_shuffle(fast.demosaic_bayer_sites(balanced, cfa[0]), 2)
+    else:
+        if packed:
+            raw = unpack(raw, torch.as_tensor(cfa)[0] if torch.as_tensor(cfa).ndim == 3 else cfa)
+        if raw.ndim != 4 or raw.shape[1] != 1:
+            raise InputError(f"render needs a (B,1,H,W) mosaic or packed=True, got {tuple(raw.shape)}")
+        cfa = as_batched_cfa(cfa, batch, raw.device)
+        balanced = torch.clamp(ops.white_balance(raw, cfa, _render_gains(wb, batch, raw, libraw_wb)), 0.0, 1.0)
+        rgb = ops.demosaic(balanced, cfa, demosaic)
     srgb_linear = torch.clamp(ops.apply_matrix(rgb, cam_to_srgb), 0.0, 1.0)
     return ops.apply_curve(srgb_linear, gamma)
+
+
+def _shared_bayer_sites(raw: torch.Tensor, cfa, packed: bool) -> torch.Tensor | None:
+    """(B,4,h,w) sites in pixel_unshuffle order when the whole batch shares one Bayer CFA, else None."""
+    cfa = torch.as_tensor(cfa)
+    if raw.ndim != 4 or cfa.ndim not in (2, 3) or cfa.shape[-2:] != (2, 2):
+        return None
+    if cfa.ndim == 3:
+        if cfa.shape[0] != raw.shape[0] or not bool((cfa == cfa[:1]).all()):
+            return None
+        cfa = cfa[0]
+    if packed:
+        return raw[:, bayer_site_order(cfa)] if raw.shape[1] == 4 else None
+    if raw.shape[1] != 1 or raw.shape[-2] % 2 or raw.shape[-1] % 2:
+        return None
+    return F.pixel_unshuffle(raw, 2)
+
+
+def _render_gains(wb, batch: int, like: torch.Tensor, libraw_wb: bool) -> torch.Tensor:
+    gains = torch.as_tensor(wb, dtype=like.dtype, device=like.device)
+    gains = gains.expand(batch, 3) if gains.ndim == 1 else gains
+    return ops.libraw_wb_scale(gains) if libraw_wb else gains
 
 
 class ISP(nn.Module):
@@ -116,6 +143,12 @@ def render_file(
         raise InputError(f"exposure ratio must be a positive number, got {exposure_ratio}")
     dev = resolve_device(device)
     period = meta.cfa_period
+    gains = select_wb(meta, wb)
+    if (demosaic == "bilinear" and period == 2 and dev.type == "cpu" and gamma in GAMMAS
+            and mosaic.shape[0] % 2 == 0 and mosaic.shape[1] % 2 == 0):
+        scaled = [g / min(gains) for g in gains]  # LibRaw's multiplier scaling, as render(libraw_wb=True)
+        return fast.render_bayer_mosaic(mosaic, meta.cfa, meta.black_level, meta.white_level, scaled,
+                                        meta.cam_to_srgb, gamma=gamma, exposure_ratio=exposure_ratio)
     if demosaic == "half":
         h, w = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
         mosaic = mosaic[:h, :w]
@@ -123,5 +156,5 @@ def render_file(
         x = torch.from_numpy(mosaic.astype(np.float32)).to(dev)[None, None]
         x = ops.normalize(x, meta.black_level, meta.white_level) * exposure_ratio
         t = meta.render_tensors(dev)
-        out = ISP(demosaic, gamma)(x, t["cfa"], torch.tensor(select_wb(meta, wb), device=dev), t["cam_to_srgb"])
+        out = ISP(demosaic, gamma)(x, t["cfa"], torch.tensor(gains, device=dev), t["cam_to_srgb"])
     return out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)

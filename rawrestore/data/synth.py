@@ -241,7 +241,8 @@ def dark_frame(
     `params.variance(x)` with quant_step 1), then clipped to the sensor range [0, white].
     """
     span = white_level - black_level
-    clean_dn = signal.clamp_min(0.0).to(torch.float64) * span / signal_ratio
+    # float32 resolves 1e-3 DN at the white level: ample before rounding to integers, twice as fast
+    clean_dn = signal.clamp_min(0.0).to(torch.float32) * span / signal_ratio
     noisy = add_noise(clean_dn, replace(params, quant_step=0.0), cfa, generator)
     dn = torch.round(noisy + black_level).clamp(0.0, white_level)
     return dn[0, 0].numpy().astype(np.uint16)

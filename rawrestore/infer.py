@@ -1,0 +1,158 @@
+"""`rawrestore infer`: restore one dark RAW file at full resolution, in overlapping tiles.
+
+    rawrestore infer INPUT --checkpoint CKPT [--ratio R | --reference-exposure S] -o OUT.png [--dng OUT.dng] [key=value ...]
+
+The exposure ratio is `--ratio`, or the reference exposure (default 10 s, SID's long exposures)
+divided by the file's exposure time, capped at data.ratio_cap like training. The input is
+black/white normalised, multiplied by the ratio (clipped to [0, 1] when data.clip_aligned),
+packed, restored tile by tile (`rawrestore.tiling.tiled_apply`, eval.tile / eval.overlap, or
+--tile / --overlap), unpacked, and rendered by `isp.ISP` to the PNG. With --dng the restored
+mosaic goes back to DN with the input's black and white levels and is written by
+`isp.write_dng` with the input's CFA, levels, white balance and colour matrix; its exposure time
+is the reference exposure (input exposure x ratio when --ratio was given).
+
+The model config comes from the checkpoint (the resolved config saved in it); `-c CFG` uses a
+file instead, and key=value overrides apply on top of either.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import isp
+from isp.png import write_png
+from rawrestore.config import ExperimentConfig, apply_overrides, from_dict, load_config
+from rawrestore.errors import ConfigError, InputError
+from rawrestore.physics.align import align_exposure, exposure_ratio
+from rawrestore.tiling import tiled_apply
+
+__all__ = ["configure", "run", "restore_file", "resolve_ratio", "DEFAULT_REFERENCE_EXPOSURE_S", "DEFAULT_TILE"]
+
+DEFAULT_REFERENCE_EXPOSURE_S = 10.0  # SID's long exposures (Sony: 10 s and 30 s; 10 s for most scenes)
+DEFAULT_TILE = 512  # packed pixels per tile side when the config says 0 (whole frames)
+
+
+def resolve_ratio(meta: isp.CameraMeta, ratio: float | None, reference_exposure_s: float | None, cap: float,
+                  source: str) -> tuple[float, str]:
+    """Exposure ratio to apply. -> (ratio, how it was found); InputError when neither option nor metadata gives one."""
+    if ratio is not None:
+        if not (np.isfinite(ratio) and ratio > 0):
+            raise InputError(f"--ratio must be a positive number, got {ratio}")
+        return float(ratio), "given"
+    if reference_exposure_s is None or not (np.isfinite(reference_exposure_s) and reference_exposure_s > 0):
+        raise InputError(f"--reference-exposure must be a positive number of seconds, got {reference_exposure_s}")
+    if not meta.exposure_time:
+        raise InputError(f"{source} has no exposure time in its metadata; pass --ratio R (e.g. 100, 250 or 300)")
+    value = exposure_ratio(meta.exposure_time, reference_exposure_s, cap=cap)
+    return value, f"{reference_exposure_s:g} s / {meta.exposure_time:g} s" + (f" capped at {cap:g}" if value == cap else "")
+
+
+def _config_for(checkpoint: str | os.PathLike, config: str | None, overrides: list[str]) -> ExperimentConfig:
+    """The config a checkpoint was trained with (or `config`), plus overrides."""
+    if config is not None:
+        return load_config(config, overrides)
+    from rawrestore.train.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(checkpoint).get("config")
+    if not saved:
+        raise ConfigError(f"checkpoint {checkpoint} holds no config; pass -c CONFIG.yaml")
+    return from_dict(apply_overrides(saved, overrides))
+
+
+@torch.no_grad()
+def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png: str | os.PathLike,
+                 cfg: ExperimentConfig, ratio: float | None = None,
+                 reference_exposure_s: float = DEFAULT_REFERENCE_EXPOSURE_S, out_dng: str | os.PathLike | None = None,
+                 tile: int | None = None, overlap: int | None = None, bits: int = 8) -> dict[str, object]:
+    """Restore one RAW file; write the PNG (and DNG). -> {ratio, ratio_source, shape, seconds, used_ema, meta_out}."""
+    from rawrestore.evaluate import load_model
+
+    started = time.perf_counter()
+    device = isp.resolve_device(cfg.device)
+    mosaic, meta = isp.read_raw(path)
+    period = meta.cfa_period
+    expected = cfg.data.cfa_period
+    if period != expected:
+        kind = "X-Trans (6x6)" if period == 6 else "Bayer (2x2)"
+        raise InputError(f"{path} has a {kind} CFA but the model was trained for data.camera={cfg.data.camera}; "
+                         "use a checkpoint trained on this kind of sensor")
+    value, how = resolve_ratio(meta, ratio, reference_exposure_s, cfg.data.ratio_cap, str(path))
+    height, width = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
+    if cfg.data.packed and period == 6:  # packed X-Trans planes need an even size: whole 6x6 periods
+        height, width = (height // 6) * 6, (width // 6) * 6
+    mosaic = mosaic[:height, :width]
+    model, step, used_ema = load_model(cfg, checkpoint, device)
+
+    cfa = torch.as_tensor(meta.cfa_array, device=device)
+    black = torch.tensor(meta.black_level, dtype=torch.float32, device=device)
+    raw = torch.from_numpy(mosaic.astype(np.float32)).to(device)[None, None]
+    aligned = align_exposure(isp.ops.normalize(raw, black, meta.white_level), value, clip=cfg.data.clip_aligned)
+    del raw
+    model_input = isp.cfa.pack(aligned, cfa) if cfg.data.packed else aligned
+    del aligned
+    tile_size = tile if tile is not None else (cfg.eval.tile or DEFAULT_TILE)
+    overlap_size = overlap if overlap is not None else (cfg.eval.overlap if cfg.eval.tile else 32)
+    restored = tiled_apply(model, model_input, tile_size, overlap_size).clamp_(0.0, 1.0)
+    del model_input
+    restored_mosaic = isp.cfa.unpack(restored, cfa) if cfg.data.packed else restored
+    del restored
+
+    tensors = meta.render_tensors(device)
+    srgb = isp.ISP(demosaic="bilinear", gamma="srgb")(restored_mosaic, tensors["cfa"], tensors["wb"], tensors["cam_to_srgb"])
+    picture = srgb[0].permute(1, 2, 0).cpu().numpy()
+    del srgb
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    write_png(out_png, picture, bits=bits)
+    del picture
+
+    meta_out = None
+    if out_dng is not None:
+        dn = isp.ops.denormalize(restored_mosaic, black, meta.white_level)
+        dn = torch.round(dn).clamp_(0.0, float(meta.white_level))[0, 0].cpu().numpy().astype(np.uint16)
+        if ratio is None:
+            exposure = reference_exposure_s
+        else:
+            exposure = meta.exposure_time * value if meta.exposure_time else None
+        written = dataclasses.replace(meta, width=int(dn.shape[1]), height=int(dn.shape[0]), exposure_time=exposure)
+        meta_out = isp.write_dng(out_dng, dn, written)
+    return {"ratio": value, "ratio_source": how, "shape": (height, width), "seconds": time.perf_counter() - started,
+            "used_ema": used_ema, "step": step, "meta_out": meta_out, "tile": tile_size, "overlap": overlap_size}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of `rawrestore infer`."""
+    parser.description = "Restore one dark RAW file with a trained checkpoint; writes an sRGB PNG and optionally a DNG."
+    parser.add_argument("input", metavar="INPUT", help="dark RAW file (ARW, RAF, DNG, ... anything LibRaw reads)")
+    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint (EMA weights are used when present)")
+    parser.add_argument("-o", "--out", required=True, help="output PNG")
+    parser.add_argument("--dng", default=None, help="also write the restored mosaic as a DNG with the input's metadata")
+    parser.add_argument("--ratio", type=float, default=None, help="exposure ratio (default: reference exposure / file's exposure)")
+    parser.add_argument("--reference-exposure", type=float, default=DEFAULT_REFERENCE_EXPOSURE_S, metavar="SECONDS",
+                        help=f"exposure the output should look like, in seconds (default {DEFAULT_REFERENCE_EXPOSURE_S:g}, SID)")
+    parser.add_argument("-c", "--config", default=None, help="config file instead of the one saved in the checkpoint")
+    parser.add_argument("--tile", type=int, default=None, help=f"tile side in packed pixels (default eval.tile or {DEFAULT_TILE})")
+    parser.add_argument("--overlap", type=int, default=None, help="pixels shared by neighbouring tiles (default eval.overlap or 32)")
+    parser.add_argument("--bits", type=int, choices=(8, 16), default=8, help="PNG bit depth")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. device=cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Restore INPUT; prints what was written."""
+    cfg = _config_for(args.checkpoint, args.config, args.overrides)
+    result = restore_file(args.input, args.checkpoint, args.out, cfg, ratio=args.ratio,
+                          reference_exposure_s=args.reference_exposure, out_dng=args.dng, tile=args.tile,
+                          overlap=args.overlap, bits=args.bits)
+    height, width = result["shape"]  # type: ignore[misc]
+    print(f"infer: {args.input} ({width}x{height}, ratio {result['ratio']:g} from {result['ratio_source']}) -> {args.out}"
+          + (f" and {args.dng}" if args.dng else "")
+          + f" in {result['seconds']:.1f} s (tiles {result['tile']}, overlap {result['overlap']}, "
+          f"{'EMA' if result['used_ema'] else 'raw'} weights of step {result['step']})", file=sys.stdout)
+    return 0

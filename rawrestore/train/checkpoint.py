@@ -1,0 +1,276 @@
+"""Training checkpoints: atomic writes, sha256 sidecars, RNG snapshots, finding the latest valid one.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    last.pt              newest state (every `ckpt_every` steps, at the end, on SIGTERM/SIGINT)
+    best.pt              state at the best validation PSNR so far
+    step_0001000.pt      periodic states, one per `ckpt_every` steps
+    <name>.sha256        `sha256sum` format ("<hex>  <name>"), written after its checkpoint
+
+A checkpoint is written to a temporary file in the same folder, fsynced, then `os.replace`d over
+its name, so a reader never sees half a file; the sidecar follows the same way. A crash between
+the two leaves a checksum that no longer matches: that checkpoint is reported as unusable and the
+previous one is used. Files hold only tensors and plain Python values (RNG states included) so
+they load with `torch.load(weights_only=True)`:
+
+    {"format", "step", "model", "ema" | None, "optimizer", "scheduler", "scaler" | None,
+     "loss" (LossStack state: learnable weights), "rng" (one entry per rank), "sampler",
+     "trainer" (counters, best metric), "config" (the resolved config as a dict), "world_size"}
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from rawrestore.errors import InputError
+
+__all__ = [
+    "FORMAT", "CHECKPOINT_DIR", "LAST", "BEST", "CheckpointError", "periodic_name", "checkpoint_dir",
+    "save_checkpoint", "verify_checkpoint", "load_checkpoint", "find_resume", "rng_state", "set_rng_state",
+    "sha256_file", "inference_weights", "clean_temporaries",
+]
+
+FORMAT = 1
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+_PERIODIC = re.compile(r"^step_(\d+)\.pt$")
+_TEMP_PREFIX = ".tmp-"
+_HASH_CHUNK = 1 << 20
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is missing, corrupt or does not fit; the message names the file."""
+
+
+def periodic_name(step: int) -> str:
+    """File name of the periodic checkpoint after `step` optimiser steps: 'step_0001000.pt'."""
+    return f"step_{step:07d}.pt"
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """<output_dir>/checkpoints."""
+    return Path(output_dir) / CHECKPOINT_DIR
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to `path` through a fsynced temporary file in the same folder and os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_checkpoint(state: dict[str, Any], paths: list[Path]) -> str:
+    """Serialise `state` once and write it atomically to every path, each with its sha256 sidecar. -> hex digest."""
+    if not paths:
+        raise InputError("save_checkpoint needs at least one path")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    for path in paths:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, data)
+        _atomic_write(_sidecar(path), f"{digest}  {path.name}\n".encode("ascii"))
+        _fsync_dir(path.parent)
+    return digest
+
+
+def verify_checkpoint(path: str | os.PathLike) -> tuple[bool, str]:
+    """Check a checkpoint against its sidecar. -> (usable, reason); a missing sidecar is usable, 'unverified'."""
+    path = Path(path)
+    if not path.is_file():
+        return False, "no such file"
+    if path.stat().st_size == 0:
+        return False, "file is empty"
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return True, "unverified (no .sha256 file)"
+    try:
+        expected = sidecar.read_text(encoding="ascii").split()[0].lower()
+    except (OSError, UnicodeDecodeError, IndexError):
+        return False, f"checksum file {sidecar.name} is unreadable"
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        return False, f"checksum file {sidecar.name} holds no sha256"
+    actual = sha256_file(path)
+    if actual != expected:
+        return False, "sha256 mismatch (truncated or damaged)"
+    return True, "sha256 ok"
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+    """Read a checkpoint with torch.load(weights_only=True) after checking its sha256. -> the state dict.
+
+    Raises CheckpointError naming the file when it is missing, fails its checksum or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a .pt file from <output_dir>/checkpoints/")
+    if verify:
+        ok, reason = verify_checkpoint(path)
+        if not ok:
+            raise CheckpointError(f"checkpoint {path} is unusable: {reason}; use another file in {path.parent}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for truncated zips and foreign pickles
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first[:160]})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a rawrestore checkpoint (no 'model'/'step' entries)")
+    return state
+
+
+def clean_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporary files left by a write that was killed. -> number removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for leftover in folder.glob(f"{_TEMP_PREFIX}*"):
+        try:
+            leftover.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    step: int
+    rank: int  # tie-break at equal steps: last (0) before periodic (1) before best (2)
+
+
+def _peek_step(path: Path) -> int | None:
+    """The step stored in a checkpoint, reading only its small entries (mmap); None when unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"])
+    except Exception:  # unreadable files are reported when they are verified
+        return None
+
+
+def find_resume(output_dir: str | os.PathLike, report: Callable[[str], None] = print,
+                map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest usable checkpoint under <output_dir>/checkpoints. -> (path, state) or None when there is none.
+
+    Candidates are last.pt, the periodic step_*.pt and best.pt, newest step first; each one that
+    fails its checksum or cannot be read is reported (one line) and the next is tried.
+    """
+    folder = checkpoint_dir(output_dir)
+    if not folder.is_dir():
+        return None
+    candidates: list[_Candidate] = []
+    for path in folder.iterdir():
+        match = _PERIODIC.match(path.name)
+        if match:
+            candidates.append(_Candidate(path, int(match.group(1)), 1))
+        elif path.name in (LAST, BEST):
+            step = _peek_step(path)
+            # an unreadable last.pt still goes first so that its failure is reported
+            candidates.append(_Candidate(path, step if step is not None else 1 << 62, 0 if path.name == LAST else 2))
+    candidates.sort(key=lambda c: (-c.step, c.rank))
+    rejected: list[str] = []
+    for candidate in candidates:
+        try:
+            state = load_checkpoint(candidate.path, map_location=map_location)
+        except CheckpointError as error:
+            rejected.append(candidate.path.name)
+            report(f"resume: {error}")
+            continue
+        if rejected:
+            report(f"resume: using {candidate.path.name} (step {int(state['step'])}) instead of {', '.join(rejected)}")
+        return candidate.path, state
+    if rejected:
+        raise CheckpointError(f"no usable checkpoint in {folder} (all of {', '.join(rejected)} failed); start without --resume")
+    return None
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values: python, numpy, torch CPU, every CUDA device."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "python": [int(version), [int(v) for v in internal], gauss],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured (CUDA states only when the device count matches)."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    numpy_state = state["numpy"]
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy_state["kind"], keys, int(numpy_state["pos"]), int(numpy_state["has_gauss"]),
+                         float(numpy_state["cached_gaussian"])))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+# ------------------------------------------------------------------------ inference
+
+
+def inference_weights(path: str | os.PathLike, prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], int, bool]:
+    """Weights to run a checkpoint with. -> (model state_dict, config dict, step, used_ema).
+
+    The EMA weights are used when the checkpoint has them (and `prefer_ema`), else the raw weights.
+    """
+    state = load_checkpoint(path)
+    use_ema = prefer_ema and state.get("ema") is not None
+    weights = state["ema"] if use_ema else state["model"]
+    return weights, state.get("config") or {}, int(state["step"]), use_ema
