@@ -11,6 +11,7 @@ Sites are numbered s = 2*row + col inside the 2x2 period: `F.pixel_unshuffle(mos
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -105,21 +106,23 @@ def demosaic_bilinear_bayer(mosaic: torch.Tensor, cfa) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# No-grad file render: strips of packed rows, kept in cache; one GEMM does demosaic weights,
-# colour matrix and 16-bit scaling; the curve is a table lookup written straight into (H,W,3).
+# No-grad file render. The frame is cut into strips of packed rows whose intermediates stay in
+# cache; one GEMM applies demosaic weights, colour matrix and 16-bit scaling; the curve is a table
+# lookup written straight into the (H,W,3) output. Strips go to `_WORKERS` threads that each run
+# torch single-threaded: no per-op thread barriers, which stall badly when the CPU is shared.
 
-_STRIP_ROWS = 32  # packed rows per strip: intermediates of a 12 MP frame stay in the shared L3 cache
+_STRIP_ROWS = 32  # packed rows per strip: ~6 MB of intermediates per worker at 12 MP
+_WORKERS = 2
 _LUT_MAX_ENTRIES = 8 * 65536  # beyond this (extreme matrices) clamp before the lookup instead
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def _helper_pool() -> ThreadPoolExecutor:
-    """One background thread: `index_select` is single-threaded on the CPU, so the lookup is split in two."""
+def _worker_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isp-lut")
+            _pool = ThreadPoolExecutor(max_workers=_WORKERS - 1, thread_name_prefix="isp-render")
         return _pool
 
 
@@ -136,13 +139,92 @@ def curve_lut(gamma: str, below: int = 0, above: int = 0) -> torch.Tensor:
     return apply_curve((codes / 65535.0).clamp(0.0, 1.0), gamma).to(torch.float32)
 
 
-def _site_scales(cfa_key, black_level, white_level, gains, exposure_ratio) -> tuple[np.ndarray, np.ndarray]:
-    """Per-site black (4,) and multiplier (4,): balanced = (DN - black) * multiplier, as normalize * exposure * white_balance."""
-    black = np.asarray(black_level, dtype=np.float64).reshape(2, 2)
-    span = float(white_level) - black.min()
-    colours = [cfa_key[s // 2][s % 2] for s in range(4)]
-    scale = np.array([gains[c] for c in colours], dtype=np.float64) * exposure_ratio / span
-    return black.reshape(4).astype(np.float32), scale.astype(np.float32)
+class _StripRender:
+    """Shared constants of one render; `run` is the per-thread loop over the strips it claims."""
+
+    def __init__(self, mosaic: np.ndarray, cfa_key, black_level, white_level, gains, cam_to_srgb, gamma, exposure_ratio):
+        plan = _fill_plan(cfa_key)
+        self.mosaic = mosaic
+        self.height, self.width = mosaic.shape[0] // 2, mosaic.shape[1] // 2  # packed (site) grid
+        black = np.asarray(black_level, dtype=np.float64).reshape(4)
+        colours = [cfa_key[site // 2][site % 2] for site in range(4)]
+        span = float(white_level) - black.min()
+        scale = np.array([gains[c] for c in colours]) * exposure_ratio / span
+        self.black = black.astype(np.float32).reshape(2, 2, 1, 1)
+        self.scale = torch.tensor(scale, dtype=torch.float32).view(4, 1, 1)  # balanced = (DN - black) * scale
+
+        # GEMM operand rows: the 4 sites, then the 8 neighbour sums; output rows 3*site + colour.
+        self.sums = [taps for taps, _ in plan if len(taps) > 1]
+        matrix = torch.as_tensor(cam_to_srgb, dtype=torch.float64).reshape(3, 3)
+        weights = torch.zeros(12, 12, dtype=torch.float64)
+        for index, (taps, weight) in enumerate(plan):
+            site, colour = divmod(index, 3)
+            row = taps[0][0] if len(taps) == 1 else 4 + self.sums.index(taps)
+            weights[3 * site : 3 * site + 3, row] += matrix[:, colour] * weight
+        self.curved = gamma != "linear"
+        self.clamp_codes = False
+        below = 0
+        if self.curved:
+            # Matrix outputs of inputs in [0,1] lie between each row's sums of negative and positive entries.
+            low = -float(matrix.clamp(max=0).sum(dim=1).min()) * 65535
+            high = float(matrix.clamp(min=0).sum(dim=1).max()) * 65535 - 65535
+            below, above = 4096 * math.ceil((low + 2) / 4096), 4096 * math.ceil((max(high, 0) + 2) / 4096)
+            self.clamp_codes = below + above + 65536 > _LUT_MAX_ENTRIES
+            if self.clamp_codes:
+                below = above = 0
+            self.lut = curve_lut(gamma, below, above)
+            weights = weights * 65535
+        self.weights = weights.to(torch.float32)
+        self.bias = torch.full((12, 1), 0.5 + below, dtype=torch.float32)  # +0.5, then truncation: nearest code
+        self.out = torch.empty(2 * self.height, 2 * self.width, 3, dtype=torch.float32)
+        self.strips = itertools.count()  # claimed by the workers in turn (next() is atomic under the GIL)
+        self.strip = min(_STRIP_ROWS, self.height)
+
+    def run(self) -> None:
+        torch.set_num_threads(1)  # this thread's OpenMP setting; the caller restores the global one
+        strip, width = self.strip, self.width
+        pitch = width + 2  # a zero column either side; a shift by (dy, dx) is the flat offset dy*pitch + dx
+        start = 2 + pitch  # flat position of the strip's packed pixel (0, 0)
+        operand = torch.zeros(12, (strip + 2) * pitch + 3, dtype=torch.float32)  # halo rows, slack at both ends
+        grid = operand[:4, 1 : 1 + (strip + 2) * pitch].view(4, strip + 2, pitch)
+        grid_np = grid.numpy().reshape(2, 2, strip + 2, pitch)
+        product = torch.empty(12, strip * pitch, dtype=torch.float32)
+        codes = torch.empty(strip, 2, width, 2, 3, dtype=torch.int32)
+        out_sites = self.out.view(self.height, 2, width, 2, 3)  # (packed row, site row, packed col, site col, colour)
+
+        while (top := next(self.strips) * strip) < self.height:
+            rows = min(strip, self.height - top)
+            length = rows * pitch
+            # Sites of packed rows top-1 .. top+rows (a halo row each side, zero outside the image).
+            first, last = max(top - 1, 0), min(top + rows + 1, self.height)
+            source = self.mosaic[2 * first : 2 * last].reshape(last - first, 2, width, 2).transpose(1, 3, 0, 2)
+            np.subtract(source, self.black, out=grid_np[:, :, first - top + 1 : last - top + 1, 1 : width + 1])
+            if first == top:
+                grid[:, 0].zero_()
+            if last < top + rows + 1:
+                grid[:, last - top + 1 : rows + 2].zero_()
+            grid[:, : rows + 2].mul_(self.scale).clamp_(0.0, 1.0)
+
+            for index, taps in enumerate(self.sums):
+                total = operand[4 + index, start : start + length]
+                (site, dy, dx), (site2, dy2, dx2) = taps[:2]
+                torch.add(operand[site, start + dy * pitch + dx :][:length],
+                          operand[site2, start + dy2 * pitch + dx2 :][:length], out=total)
+                for site, dy, dx in taps[2:]:
+                    total.add_(operand[site, start + dy * pitch + dx :][:length])
+
+            result = product[:, :length]
+            colours = result.view(2, 2, 3, rows, pitch)[..., :width].permute(3, 0, 4, 1, 2)  # as out_sites
+            block = out_sites[top : top + rows]
+            if not self.curved:
+                torch.mm(self.weights, operand[:, start : start + length], out=result).clamp_(0.0, 1.0)
+                block.copy_(colours)
+                continue
+            torch.addmm(self.bias, self.weights, operand[:, start : start + length], out=result)
+            if self.clamp_codes:
+                result.clamp_(0.0, 65535.5)
+            codes[:rows].copy_(colours)  # float -> int32 truncates
+            torch.index_select(self.lut, 0, codes[:rows].view(-1), out=block.view(-1))
 
 
 def render_bayer_mosaic(
@@ -157,100 +239,24 @@ def render_bayer_mosaic(
 ) -> np.ndarray:
     """No-grad CPU render of a Bayer mosaic like LibRaw. mosaic (H,W) DN, H and W even -> float32 (H,W,3) in [0,1].
 
-    The order of `pipeline.render` (gains already LibRaw-scaled by the caller): black/white
-    normalisation and white balance with clip, bilinear demosaic, colour matrix, clip, curve.
-    With a curve the clipped linear value is rounded to 16 bits and looked up (`curve_lut`);
-    'linear' keeps the float value.
+    The order of `pipeline.render`, whose values it reproduces to float rounding (gains already
+    LibRaw-scaled by the caller): black/white normalisation and white balance with clip, bilinear
+    demosaic, colour matrix, clip, curve. With a curve ('srgb', 'bt709') the clipped linear value
+    is rounded to 16 bits and looked up (`curve_lut`), as LibRaw does; 'linear' keeps the float.
     """
     mosaic = np.asarray(mosaic)
     if mosaic.ndim != 2 or mosaic.shape[0] % 2 or mosaic.shape[1] % 2 or mosaic.shape[0] < 2:
         raise InputError(f"the Bayer fast path needs an (H,W) mosaic with H, W even, got {mosaic.shape}")
-    cfa_key = _cfa_key(cfa)
-    plan = _fill_plan(cfa_key)
-    height, width = mosaic.shape[0] // 2, mosaic.shape[1] // 2  # packed (site) grid
-    black, scale = _site_scales(cfa_key, black_level, white_level, [float(g) for g in gains], float(exposure_ratio))
-    matrix = torch.as_tensor(cam_to_srgb, dtype=torch.float64).reshape(3, 3)
-
-    # GEMM operand rows: the 4 sites, then the 8 neighbour sums; outputs rows 3*t + c.
-    sums = [taps for taps, _ in plan if len(taps) > 1]
-    weights = torch.zeros(12, 12, dtype=torch.float64)
-    for index, (taps, weight) in enumerate(plan):
-        site, colour = divmod(index, 3)
-        row = taps[0][0] if len(taps) == 1 else 4 + sums.index(taps)
-        weights[3 * site : 3 * site + 3, row] += matrix[:, colour] * weight
-
-    curved = gamma != "linear"
-    below = above = 0
-    clamp_first = False
-    if curved:
-        # Matrix outputs of inputs in [0,1] lie in [sum of negative entries, sum of positive ones] per row.
-        low = -float(matrix.clamp(max=0).sum(dim=1).min()) * 65535
-        high = float(matrix.clamp(min=0).sum(dim=1).max()) * 65535 - 65535
-        below, above = 4096 * math.ceil((low + 2) / 4096), 4096 * math.ceil((max(high, 0) + 2) / 4096)
-        clamp_first = below + above + 65536 > _LUT_MAX_ENTRIES
-        if clamp_first:
-            below = above = 0
-        lut = curve_lut(gamma, below, above)
-        weights = weights * 65535
-    weights = weights.to(torch.float32)
-    bias = torch.full((12, 1), 0.5 + below, dtype=torch.float32)  # +0.5 then truncation: round to nearest
-
-    out = torch.empty(2 * height, 2 * width, 3, dtype=torch.float32)
-    out_sites = out.view(height, 2, width, 2, 3)  # (packed row, site row, packed col, site col, colour)
-    strip = min(_STRIP_ROWS, height)
-    pitch = width + 2  # a zero column either side; a shift by (dy, dx) is a flat offset dy*pitch + dx
-    plane = (strip + 2) * pitch + 3  # plus a halo row above and below and a slack element at each end
-    operand = torch.zeros(12, plane, dtype=torch.float32)
-    grid = operand[:4, 1 : 1 + (strip + 2) * pitch].view(4, strip + 2, pitch)
-    grid_np = grid.numpy().reshape(2, 2, strip + 2, pitch)
-    start = 2 + pitch  # flat position of packed pixel (0, 0) of the strip
-    black_np = black.reshape(2, 2, 1, 1)
-    scale_t = torch.from_numpy(scale).view(4, 1, 1)
-    product = torch.empty(12, strip * pitch, dtype=torch.float32)
-    codes = torch.empty(strip, 2, width, 2, 3, dtype=torch.int32) if curved else None
-    split = torch.get_num_threads() > 1
-    pool = _helper_pool() if split and curved else None
-
-    for top in range(0, height, strip):
-        rows = min(strip, height - top)
-        length = rows * pitch
-        # Sites of packed rows top-1 .. top+rows (one halo row each side, zero outside the image).
-        first, last = max(top - 1, 0), min(top + rows + 1, height)
-        source = mosaic[2 * first : 2 * last].reshape(last - first, 2, width, 2).transpose(1, 3, 0, 2)
-        np.subtract(source, black_np, out=grid_np[:, :, first - top + 1 : last - top + 1, 1 : width + 1])
-        if first == top:
-            grid[:, 0].zero_()
-        if last < top + rows + 1:
-            grid[:, last - top + 1 : rows + 2].zero_()
-        grid[:, : rows + 2].mul_(scale_t).clamp_(0.0, 1.0)
-
-        def shifted(site: int, dy: int, dx: int) -> torch.Tensor:
-            offset = start + dy * pitch + dx
-            return operand[site, offset : offset + length]
-
-        for index, taps in enumerate(sums):
-            total = operand[4 + index, start : start + length]
-            torch.add(shifted(*taps[0]), shifted(*taps[1]), out=total)
-            for tap in taps[2:]:
-                total.add_(shifted(*tap))
-
-        result = product[:, :length]
-        block = out_sites[top : top + rows]
-        if not curved:
-            torch.mm(weights, operand[:, start : start + length], out=result).clamp_(0.0, 1.0)
-            block.copy_(result.view(2, 2, 3, rows, pitch)[..., :width].permute(3, 0, 4, 1, 2))
-            continue
-        torch.addmm(bias, weights, operand[:, start : start + length], out=result)
-        if clamp_first:
-            result.clamp_(0.0, 65535.5)
-        index_codes = codes[:rows]
-        index_codes.copy_(result.view(2, 2, 3, rows, pitch)[..., :width].permute(3, 0, 4, 1, 2))  # truncates
-        flat_codes, flat_out = index_codes.view(-1), block.view(-1)
-        if pool is None:
-            torch.index_select(lut, 0, flat_codes, out=flat_out)
-        else:
-            half = flat_codes.numel() // 2
-            pending = pool.submit(torch.index_select, lut, 0, flat_codes[:half], out=flat_out[:half])
-            torch.index_select(lut, 0, flat_codes[half:], out=flat_out[half:])
-            pending.result()
-    return out.numpy()
+    if gamma not in ("srgb", "bt709", "linear"):
+        raise InputError(f"unknown gamma '{gamma}'; use srgb, bt709 or linear")
+    job = _StripRender(mosaic, _cfa_key(cfa), black_level, white_level, [float(g) for g in gains], cam_to_srgb,
+                       gamma, float(exposure_ratio))
+    threads = torch.get_num_threads()
+    try:
+        helpers = [_worker_pool().submit(job.run) for _ in range(min(_WORKERS, threads) - 1)]
+        job.run()
+        for helper in helpers:
+            helper.result()
+    finally:
+        torch.set_num_threads(threads)
+    return job.out.numpy()

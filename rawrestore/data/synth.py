@@ -78,6 +78,7 @@ EXPOSURE_TARGET = (0.55, 0.9)  # 99.5th percentile of the long exposure, fractio
 MATRIX_JITTER = 0.08  # relative perturbation of each cam_xyz entry per scene
 WB_RED = (1.6, 2.6)
 WB_BLUE = (1.3, 2.2)
+MIN_SIZE = 24  # LibRaw reads no RAW under 22 px a side; 24 is a multiple of both CFA periods
 
 # Fujifilm X-T2 X-Trans pattern (0=R, 1=G, 2=B) as LibRaw reports it for SID's visible area:
 # R at (0,0), (0,4), (3,1), (3,3) and B at (0,1), (0,3), (3,0), (3,4), which is what SID's
@@ -171,7 +172,11 @@ def load_photo(name: str) -> np.ndarray:
 
 
 def random_view(photo: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
-    """Random crop (scale 1x..2x of the fitting scale, or down to 0.5 px/px), flip and rotation. -> (S,S,3), info."""
+    """Random square view of a photograph. photo (H,W,3) in [0,1] -> (S,S,3), info (source box, scale, rot90, flip).
+
+    Zoom (output px per source px) is log-uniform in [max(fit, 0.5), 1.3 max(fit, 1)], where
+    `fit` just covers the crop with the shorter side; then a random quarter turn and mirror.
+    """
     from skimage.transform import resize
 
     height, width = photo.shape[:2]
@@ -261,7 +266,7 @@ def _camera_meta(spec: CameraSpec, size: int, cam_to_srgb, daylight, wb, exposur
 
 def _as_read_back(meta: CameraMeta, scratch: Path) -> CameraMeta:
     """The metadata a DNG with `meta` reads back as (matrix and gains pass through rationals and float32)."""
-    side = 24  # a multiple of both CFA periods, above LibRaw's minimum frame size
+    side = MIN_SIZE
     tiny = replace(meta, width=side, height=side)
     probe = isp.write_dng(scratch / "probe.dng", np.full((side, side), int(meta.white_level) // 2, np.uint16), tiny)
     return replace(probe, width=meta.width, height=meta.height)
@@ -320,10 +325,10 @@ def _check_size(camera: str, size: int | None) -> tuple[CameraSpec, int]:
     spec = CAMERA_SPECS[camera]
     size = spec.default_size if size is None else int(size)
     period = spec.period
-    if size < 4 * period or size % period:
+    if size < MIN_SIZE or size % period:
         kind = "X-Trans 6x6" if period == 6 else "Bayer 2x2"
-        suggestion = max(4 * period, -(-size // period) * period)
-        raise InputError(f"--size {size} must be a multiple of the {kind} CFA period and >= {4 * period}; try --size {suggestion}")
+        suggestion = max(MIN_SIZE, -(-size // period) * period)
+        raise InputError(f"--size {size} must be a multiple of the {kind} CFA period and >= {MIN_SIZE}; try --size {suggestion}")
     return spec, size
 
 
@@ -453,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
     out = generate(args.out, args.camera, args.scenes, args.seed, args.size, force=args.force,
                    crosstalk=args.crosstalk, noise_camera=args.noise_camera, read_noise=args.read_noise)
     spec = CAMERA_SPECS[args.camera]
-    counts = {split: sum(1 for _ in open(out / f"{spec.folder}_{split}_list.txt", encoding="utf-8")) for split in SPLITS}
+    counts = {split: len((out / f"{spec.folder}_{split}_list.txt").read_text(encoding="utf-8").splitlines()) for split in SPLITS}
     print(f"synth: {args.scenes} {args.camera} scenes -> {out} "
           f"(pairs: train {counts['train']}, val {counts['val']}, test {counts['test']}; truth in {out / TRUTH_NAME})")
     return 0
