@@ -130,7 +130,7 @@ def _worker_pool() -> ThreadPoolExecutor:
 def curve_lut(gamma: str, below: int = 0, above: int = 0) -> torch.Tensor:
     """Transfer curve on the 16-bit grid. -> float32 (below + 65536 + above,): entry k is curve(clamp((k - below)/65535, 0, 1)).
 
-    LibRaw renders the same way: the linear value is quantised to 16 bits, then looked up. The
+    LibRaw renders the same way: the linear value is truncated to 16 bits, then looked up. The
     `below`/`above` margins absorb out-of-range colour-matrix outputs, so no clamp pass is needed.
     """
     from .ops import apply_curve  # ops imports this module
@@ -150,7 +150,7 @@ class _StripRender:
         colours = [cfa_key[site // 2][site % 2] for site in range(4)]
         span = float(white_level) - black.min()
         scale = np.array([gains[c] for c in colours]) * exposure_ratio / span
-        self.black = black.astype(np.float32).reshape(2, 2, 1, 1)
+        self.black = torch.tensor(black, dtype=torch.float32).view(4, 1, 1)
         self.scale = torch.tensor(scale, dtype=torch.float32).view(4, 1, 1)  # balanced = (DN - black) * scale
 
         # GEMM operand rows: the 4 sites, then the 8 neighbour sums; output rows 3*site + colour.
@@ -175,8 +175,9 @@ class _StripRender:
             self.lut = curve_lut(gamma, below, above)
             weights = weights * 65535
         self.weights = weights.to(torch.float32)
-        self.bias = torch.full((12, 1), 0.5 + below, dtype=torch.float32)  # +0.5, then truncation: nearest code
-        self.out = torch.empty(2 * self.height, 2 * self.width, 3, dtype=torch.float32)
+        self.bias = torch.full((12, 1), float(below), dtype=torch.float32)
+        # numpy allocates large arrays on huge pages: far fewer page faults than torch.empty on first write
+        self.out = torch.from_numpy(np.empty((2 * self.height, 2 * self.width, 3), dtype=np.float32))
         self.strips = itertools.count()  # claimed by the workers in turn (next() is atomic under the GIL)
         self.strip = min(_STRIP_ROWS, self.height)
 
@@ -185,11 +186,11 @@ class _StripRender:
         strip, width = self.strip, self.width
         pitch = width + 2  # a zero column either side; a shift by (dy, dx) is the flat offset dy*pitch + dx
         start = 2 + pitch  # flat position of the strip's packed pixel (0, 0)
-        operand = torch.zeros(12, (strip + 2) * pitch + 3, dtype=torch.float32)  # halo rows, slack at both ends
+        operand = torch.from_numpy(np.zeros((12, (strip + 2) * pitch + 3), dtype=np.float32))  # halo rows, end slack
         grid = operand[:4, 1 : 1 + (strip + 2) * pitch].view(4, strip + 2, pitch)
         grid_np = grid.numpy().reshape(2, 2, strip + 2, pitch)
-        product = torch.empty(12, strip * pitch, dtype=torch.float32)
-        codes = torch.empty(strip, 2, width, 2, 3, dtype=torch.int32)
+        product = torch.from_numpy(np.empty((12, strip * pitch), dtype=np.float32))
+        codes = torch.from_numpy(np.empty((strip, 2, width, 2, 3), dtype=np.int32))
         out_sites = self.out.view(self.height, 2, width, 2, 3)  # (packed row, site row, packed col, site col, colour)
 
         while (top := next(self.strips) * strip) < self.height:
@@ -198,12 +199,14 @@ class _StripRender:
             # Sites of packed rows top-1 .. top+rows (a halo row each side, zero outside the image).
             first, last = max(top - 1, 0), min(top + rows + 1, self.height)
             source = self.mosaic[2 * first : 2 * last].reshape(last - first, 2, width, 2).transpose(1, 3, 0, 2)
-            np.subtract(source, self.black, out=grid_np[:, :, first - top + 1 : last - top + 1, 1 : width + 1])
+            np.copyto(grid_np[:, :, first - top + 1 : last - top + 1, 1 : width + 1], source, casting="unsafe")
+            # (DN - black) * scale, clipped; the zero columns stay zero
+            grid[:, first - top + 1 : last - top + 1, 1 : width + 1].sub_(self.black)
+            grid[:, : rows + 2].mul_(self.scale).clamp_(0.0, 1.0)
             if first == top:
                 grid[:, 0].zero_()
             if last < top + rows + 1:
                 grid[:, last - top + 1 : rows + 2].zero_()
-            grid[:, : rows + 2].mul_(self.scale).clamp_(0.0, 1.0)
 
             for index, taps in enumerate(self.sums):
                 total = operand[4 + index, start : start + length]
@@ -222,8 +225,8 @@ class _StripRender:
                 continue
             torch.addmm(self.bias, self.weights, operand[:, start : start + length], out=result)
             if self.clamp_codes:
-                result.clamp_(0.0, 65535.5)
-            codes[:rows].copy_(colours)  # float -> int32 truncates
+                result.clamp_(0.0, 65535.0)
+            codes[:rows].copy_(colours)  # float -> int32 truncates, as LibRaw's (int) cast
             torch.index_select(self.lut, 0, codes[:rows].view(-1), out=block.view(-1))
 
 
@@ -242,7 +245,8 @@ def render_bayer_mosaic(
     The order of `pipeline.render`, whose values it reproduces to float rounding (gains already
     LibRaw-scaled by the caller): black/white normalisation and white balance with clip, bilinear
     demosaic, colour matrix, clip, curve. With a curve ('srgb', 'bt709') the clipped linear value
-    is rounded to 16 bits and looked up (`curve_lut`), as LibRaw does; 'linear' keeps the float.
+    is truncated to 16 bits and looked up (`curve_lut`) as LibRaw does (its convert_to_rgb casts
+    with (int)); that matches LibRaw ~2 dB closer than rounding. 'linear' keeps the float value.
     """
     mosaic = np.asarray(mosaic)
     if mosaic.ndim != 2 or mosaic.shape[0] % 2 or mosaic.shape[1] % 2 or mosaic.shape[0] < 2:

@@ -122,10 +122,11 @@ class LossStack(nn.Module):
                     missing.append(str(error))
                 else:
                     raise WeightsError(
-                        f"loss term '{name}': {error}; or set loss.{name}.weight: 0 / loss.drop_missing_pretrained: true"
+                        f"loss term '{name}' (weights file: loss.{name}.weights): {error}; "
+                        f"or set loss.{name}.weight: 0 / loss.drop_missing_pretrained: true"
                     ) from None
         if "crosstalk" in active and cfa_period is None:
-            build_kernel(config.crosstalk_kernel, 2)  # checks the spec now; the real period comes with the first batch
+            _check_kernel_spec(config.crosstalk_kernel)  # the real period comes with the first batch
         if self.random_backbones:
             _log.warning(
                 "LOSS STACK USES RANDOM %s BACKBONE(S) (allow_random_backbones=True): their values mean nothing; "
@@ -223,6 +224,17 @@ class LossStack(nn.Module):
     def extra_repr(self) -> str:
         dropped = f", dropped={self.dropped}" if self.dropped else ""
         return f"terms={list(self.term_names)}, weighting={self.config.weighting}, total_steps={self.total_steps}{dropped}"
+
+
+def _check_kernel_spec(spec: str) -> None:
+    """Fail now on a crosstalk kernel spec that fits neither CFA period (bad spelling, missing file)."""
+    try:
+        build_kernel(spec, 2)
+    except ConfigError as bayer_error:
+        try:
+            build_kernel(spec, 6)
+        except ConfigError:
+            raise bayer_error from None
 
 
 def _packed_flag(batch: Mapping[str, Any], pred: torch.Tensor) -> bool:

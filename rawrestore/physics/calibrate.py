@@ -28,7 +28,10 @@ Refinements, each a documented choice:
 Noise in the long exposure B biases the taps slightly toward 0 (errors in variables),
 negligible for SID's long exposures.
 
-CLI: `rawrestore calibrate-crosstalk --manifest CSV --out K.npy [--root DIR] [--max-pairs N]`.
+CLI: `rawrestore calibrate-crosstalk --manifest CSV --out K.npy [--root DIR] [--max-pairs N]` reads
+each pair with `isp.read_raw`, normalises it (`isp.ops.normalize`, per-site black level) and
+aligns the short frame with the manifest's `ratio` column (SID's capped ratio, the alignment the
+training data uses), then writes the energy-preserving fit (`--free` for the unconstrained one).
 """
 from __future__ import annotations
 
@@ -36,13 +39,16 @@ import argparse
 import csv
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rawrestore.errors import DataError, InputError
+
+if TYPE_CHECKING:
+    from isp.meta import CameraMeta
 
 __all__ = ["CrosstalkNormalEquations", "estimate_crosstalk", "energy_constraints", "configure", "run"]
 
@@ -183,10 +189,15 @@ class CrosstalkNormalEquations:
             cross = cross - sum_x * (sum_a / count).unsqueeze(-1)
         return gram.sum(dim=0), cross.sum(dim=0)
 
-    def _check_determined(self, gram: torch.Tensor) -> None:
-        """DataError naming the first CFA site whose taps the data do not determine. gram (P,P,9,9)."""
-        eigenvalues = torch.linalg.eigvalsh(gram)
+    def _check_determined(self, gram: torch.Tensor, shared: bool) -> None:
+        """DataError naming the first CFA site (or the shared kernel) whose taps the data do not determine. gram (P,P,9,9)."""
         count = self.count
+        if shared:
+            eigenvalues = torch.linalg.eigvalsh(gram.sum(dim=(0, 1)))
+            if count.sum() < 10 * _TAPS or eigenvalues[-1] <= 0 or eigenvalues[0] < _MIN_RCOND * eigenvalues[-1]:
+                raise DataError(f"{int(count.sum())} usable pixels do not determine the 9 taps; add pairs with textured, unsaturated content")
+            return
+        eigenvalues = torch.linalg.eigvalsh(gram)
         for r in range(self.period):
             for c in range(self.period):
                 top = eigenvalues[r, c, -1].item()
@@ -239,7 +250,7 @@ class CrosstalkNormalEquations:
         stats = self._stacked()
         weights = torch.ones(self.pairs, self.bins, dtype=torch.float64)
         gram, cross = self._normal_equations(stats, weights, fit_offset)
-        self._check_determined(gram)
+        self._check_determined(gram, shared)
         taps = self._solve_once(gram, cross, energy_preserving, shared)
         for _ in range(_MAX_ITERATIONS if reweight else 0):
             variance = self._residual_variance(stats, weights, taps, fit_offset)
@@ -310,7 +321,7 @@ def _read_rows(manifest: Path, max_pairs: int | None) -> list[dict[str, str]]:
     return rows
 
 
-def _load_normalised(path: Path) -> tuple[torch.Tensor, Any]:
+def _load_normalised(path: Path) -> tuple[torch.Tensor, CameraMeta]:
     """A RAW file as a normalised float64 mosaic. path -> ((H,W) tensor, CameraMeta)."""
     from isp import ops, read_raw
 
@@ -343,7 +354,10 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"{where}: ratio {row['ratio']!r} is not a number") from None
         if not (math.isfinite(ratio) and ratio > 0):
             raise DataError(f"{where}: ratio must be a positive number, got {ratio}")
-        short_path, long_path = (Path(row[c]) if Path(row[c]).is_absolute() else root / row[c] for c in ("short", "long"))
+        if not (row.get("short") or "").strip() or not (row.get("long") or "").strip():
+            raise DataError(f"{where}: empty short or long path")
+        short_path, long_path = (Path(row[c].strip()) if Path(row[c].strip()).is_absolute() else root / row[c].strip()
+                                 for c in ("short", "long"))
         short, meta = _load_normalised(short_path)
         if cached_long is None or cached_long[0] != long_path:
             long_plane, long_meta = _load_normalised(long_path)

@@ -281,7 +281,9 @@ def write_loss_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) 
     ax.plot(x, [r["lr"] for r in steps], color="tab:blue", label="lr")
     ax.set_title("learning rate and term weights")
     ax.set_xlabel("step")
+    ax.set_ylabel("lr")
     twin = ax.twinx()
+    twin.set_ylabel("effective weight")
     for name in names:
         weights = [r["terms"][name]["weight"] for r in steps if name in r.get("terms", {})]
         twin.plot([r["step"] for r in steps if name in r.get("terms", {})], weights, lw=0.8, ls="--", label=f"w {name}")

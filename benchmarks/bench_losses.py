@@ -1,0 +1,117 @@
+"""Training-step time with the full loss stack vs RAW-L1 alone: SID U-Net, same crop and batch, forward + backward.
+
+Rows: the full default stack (RAW-L1, crosstalk, VGG-19 perceptual, LPIPS, CIEDE2000, SSIM), the
+same with a half-size render for the sRGB terms, and the stack without the two pretrained
+networks, each against RAW-L1 alone. VGG/LPIPS use RANDOM backbones (allow_random_backbones):
+the timing is the same as with ImageNet weights, the values are not. Goal: full / RAW-L1 <= 1.6.
+
+Usage: python benchmarks/bench_losses.py [--crop 256] [--batch 1] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from rawrestore.config.schema import LossConfig
+from rawrestore.losses import LossStack
+from rawrestore.models import build_model
+
+CAM_TO_SRGB = [[1.8, -0.6, -0.2], [-0.2, 1.5, -0.3], [0.05, -0.5, 1.45]]
+
+STEP = 850  # 85% of the run: the perceptual ramp is on, so every term is weighted
+TOTAL_STEPS = 1000
+
+
+def _config(kind: str) -> LossConfig:
+    """'full' (defaults), 'half' (defaults, half-size render), 'no_backbones' or 'raw_l1'."""
+    config = LossConfig(allow_random_backbones=True)
+    if kind == "half":
+        config.render_demosaic = "half"
+    if kind in ("no_backbones", "raw_l1"):
+        config.perceptual.weight = config.lpips.weight = 0.0
+    if kind == "raw_l1":
+        for name, term in config.terms().items():
+            if name != "raw_l1":
+                term.weight = 0.0
+    return config
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the (expected) random-backbone warnings while the stacks are built."""
+    loggers = [logging.getLogger(name) for name in ("rawrestore.pretrained", "rawrestore.losses")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _best_of(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm-up: plan caches, allocator
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run(crop: int = 256, batch: int = 1, repeats: int = 3, width: int = 32) -> list[dict]:
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model("unet", in_channels=4, base=width).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    size = crop // 2
+    target = 0.05 + 0.5 * torch.rand(batch, 4, size, size, device=device)
+    data = {
+        "target": target,
+        "input": (target + 0.05 * torch.randn_like(target)).clamp(0, 1),
+        "cfa": torch.tensor([[0, 1], [1, 2]], device=device),
+        "wb": torch.tensor([2.0, 1.0, 1.5], device=device),
+        "cam_to_srgb": torch.tensor(CAM_TO_SRGB, device=device),
+    }
+    with _quiet():
+        stacks = {kind: LossStack(_config(kind), TOTAL_STEPS, cfa_period=2).to(device)
+                  for kind in ("raw_l1", "full", "half", "no_backbones")}
+
+    def step(kind: str) -> Callable[[], None]:
+        def one() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            total, _ = stacks[kind](model(data["input"]), data, STEP)
+            total.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return one
+
+    times = {kind: _best_of(step(kind), repeats) for kind in stacks}
+    shape = f"UNet({width}) batch {batch}, {crop}x{crop} Bayer crop ({size}x{size} packed), {device.type}"
+    notes = {
+        "full": "default stack (VGG-19 relu3_3+relu4_3, LPIPS-alex, dE00, SSIM, crosstalk, RAW-L1); RANDOM backbones; goal ratio <= 1.6",
+        "half": "default stack, sRGB terms on the half-size render (render_demosaic=half); RANDOM backbones",
+        "no_backbones": "default stack without VGG/LPIPS (RAW-L1, crosstalk, dE00, SSIM)",
+    }
+    return [
+        {"name": f"train step, loss={kind}: {shape}", "ours_s": times[kind], "reference_s": times["raw_l1"],
+         "ratio": times[kind] / times["raw_l1"], "note": f"reference: RAW-L1 alone; {notes[kind]}"}
+        for kind in ("full", "half", "no_backbones")
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    for row in run(args.crop, args.batch, args.repeats):
+        print(row)
