@@ -14,7 +14,7 @@ import functools
 import itertools
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -155,6 +155,13 @@ class _StripRender:
 
         # GEMM operand rows: the 4 sites, then the 8 neighbour sums; output rows 3*site + colour.
         self.sums = [taps for taps, _ in plan if len(taps) > 1]
+        # Pairs first; a diagonal four is a pair plus the same pair one column over (one add, not three).
+        pairs = {frozenset(taps): 4 + i for i, taps in enumerate(self.sums) if len(taps) == 2}
+        self.program = []  # (operand row, taps to add, or (pair row, column shift))
+        for i, taps in sorted(enumerate(self.sums), key=lambda item: len(item[1])):
+            source = next(((row, shift) for pair, row in pairs.items() for shift in (-1, 1)
+                           if set(taps) == pair | {(site, dy, dx + shift) for site, dy, dx in pair}), None)
+            self.program.append((4 + i, taps, source))
         matrix = torch.as_tensor(cam_to_srgb, dtype=torch.float64).reshape(3, 3)
         weights = torch.zeros(12, 12, dtype=torch.float64)
         for index, (taps, weight) in enumerate(plan):
@@ -186,7 +193,7 @@ class _StripRender:
         strip, width = self.strip, self.width
         pitch = width + 2  # a zero column either side; a shift by (dy, dx) is the flat offset dy*pitch + dx
         start = 2 + pitch  # flat position of the strip's packed pixel (0, 0)
-        operand = torch.from_numpy(np.zeros((12, (strip + 2) * pitch + 3), dtype=np.float32))  # halo rows, end slack
+        operand = torch.from_numpy(np.zeros((12, (strip + 2) * pitch + 4), dtype=np.float32))  # halo rows, end slack
         grid = operand[:4, 1 : 1 + (strip + 2) * pitch].view(4, strip + 2, pitch)
         grid_np = grid.numpy().reshape(2, 2, strip + 2, pitch)
         product = torch.from_numpy(np.empty((12, strip * pitch), dtype=np.float32))
@@ -208,13 +215,19 @@ class _StripRender:
             if last < top + rows + 1:
                 grid[:, last - top + 1 : rows + 2].zero_()
 
-            for index, taps in enumerate(self.sums):
-                total = operand[4 + index, start : start + length]
+            for row, taps, source in self.program:
+                if source is not None:
+                    pair, shift = source
+                    torch.add(operand[pair, start : start + length], operand[pair, start + shift :][:length],
+                              out=operand[row, start : start + length])
+                    continue
+                low, count = (start - 1, length + 2) if len(taps) == 2 else (start, length)  # pairs: a column more
+                total = operand[row, low : low + count]
                 (site, dy, dx), (site2, dy2, dx2) = taps[:2]
-                torch.add(operand[site, start + dy * pitch + dx :][:length],
-                          operand[site2, start + dy2 * pitch + dx2 :][:length], out=total)
+                torch.add(operand[site, low + dy * pitch + dx :][:count], operand[site2, low + dy2 * pitch + dx2 :][:count],
+                          out=total)
                 for site, dy, dx in taps[2:]:
-                    total.add_(operand[site, start + dy * pitch + dx :][:length])
+                    total.add_(operand[site, low + dy * pitch + dx :][:count])
 
             result = product[:, :length]
             colours = result.view(2, 2, 3, rows, pitch)[..., :width].permute(3, 0, 4, 1, 2)  # as out_sites
@@ -242,11 +255,11 @@ def render_bayer_mosaic(
 ) -> np.ndarray:
     """No-grad CPU render of a Bayer mosaic like LibRaw. mosaic (H,W) DN, H and W even -> float32 (H,W,3) in [0,1].
 
-    The order of `pipeline.render`, whose values it reproduces to float rounding (gains already
-    LibRaw-scaled by the caller): black/white normalisation and white balance with clip, bilinear
-    demosaic, colour matrix, clip, curve. With a curve ('srgb', 'bt709') the clipped linear value
-    is truncated to 16 bits and looked up (`curve_lut`) as LibRaw does (its convert_to_rgb casts
-    with (int)); that matches LibRaw ~2 dB closer than rounding. 'linear' keeps the float value.
+    The order of `pipeline.render` (gains already LibRaw-scaled by the caller): black/white
+    normalisation and white balance with clip, bilinear demosaic, colour matrix, clip, curve. With
+    'linear' the values are render's to float rounding. With a curve ('srgb', 'bt709') the clipped
+    linear value is truncated to 16 bits and looked up (`curve_lut`), as LibRaw does (its
+    convert_to_rgb casts with (int)); that matches LibRaw ~2 dB closer than rounding would.
     """
     mosaic = np.asarray(mosaic)
     if mosaic.ndim != 2 or mosaic.shape[0] % 2 or mosaic.shape[1] % 2 or mosaic.shape[0] < 2:
@@ -256,11 +269,12 @@ def render_bayer_mosaic(
     job = _StripRender(mosaic, _cfa_key(cfa), black_level, white_level, [float(g) for g in gains], cam_to_srgb,
                        gamma, float(exposure_ratio))
     threads = torch.get_num_threads()
+    helpers = [_worker_pool().submit(job.run) for _ in range(min(_WORKERS, threads) - 1)]
     try:
-        helpers = [_worker_pool().submit(job.run) for _ in range(min(_WORKERS, threads) - 1)]
         job.run()
-        for helper in helpers:
-            helper.result()
     finally:
+        wait(helpers)
         torch.set_num_threads(threads)
+    for helper in helpers:
+        helper.result()  # re-raises a worker's exception
     return job.out.numpy()

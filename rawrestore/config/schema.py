@@ -16,13 +16,20 @@ from typing import Literal
 from rawrestore.errors import ConfigError
 
 CFA_PERIOD = {"sony": 2, "fuji": 6}  # Bayer 2x2, X-Trans 6x6
-# VGG16 layer names a perceptual loss can tap: blocks 1-2 have two convs, blocks 3-5 three
+# VGG layer names a perceptual loss can tap (VGG16: blocks 3-5 have three convs; VGG19: four)
 VGG16_LAYERS = frozenset(
     f"{kind}{block}_{index}"
     for kind in ("conv", "relu")
     for block, count in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
     for index in range(1, count + 1)
 )
+VGG19_LAYERS = frozenset(
+    f"{kind}{block}_{index}"
+    for kind in ("conv", "relu")
+    for block, count in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
+    for index in range(1, count + 1)
+) | {f"pool{b}" for b in range(1, 6)}
+_FEATURES_SLICE = re.compile(r"^features\[:(\d+)\]$")
 _UNIFORM_KERNEL = re.compile(r"^uniform\(\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\)$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -212,19 +219,36 @@ class RobustTermConfig(LossTermConfig):
 
 @dataclass
 class PerceptualTermConfig(LossTermConfig):
-    """VGG16 feature loss on rendered sRGB; `weights` is a local torchvision VGG16 state dict."""
+    """VGG feature loss on rendered sRGB; `weights` is a local torchvision state dict of `arch`.
 
+    `layers` are names like 'relu3_3' / 'conv5_4' / 'pool4', or 'features[:35]' (Spectroformer's
+    tap: the output of torchvision's features[:35], i.e. conv5_4 of VGG19 before its ReLU).
+    """
+
+    arch: Literal["vgg19", "vgg16"] = "vgg19"
     layers: list[str] = field(default_factory=lambda: ["relu3_3", "relu4_3"])
+    layer_weights: list[float] | None = None
     criterion: Literal["l1", "l2"] = "l1"
-    weights: str | None = None  # None: the default location the losses module looks in
+    weights: str | None = None  # None: torchvision's cache (torch.hub.get_dir()/checkpoints)
 
     def validate(self, key: str) -> None:
-        """Check values: at least one known VGG16 layer name plus the common term checks."""
+        """Check values: at least one layer name of `arch` plus the common term checks."""
         super().validate(key)
-        _require(len(self.layers) > 0, f"{key}.layers", "needs at least one VGG16 layer", self.layers)
+        known = VGG19_LAYERS if self.arch == "vgg19" else VGG16_LAYERS | {f"pool{b}" for b in range(1, 6)}
+        _require(len(self.layers) > 0, f"{key}.layers", f"needs at least one {self.arch} layer", self.layers)
         for layer in self.layers:
-            _require(layer in VGG16_LAYERS, f"{key}.layers",
-                     "must name VGG16 layers like 'relu3_3' (conv/relu, blocks 1-5)", layer)
+            _require(layer in known or bool(_FEATURES_SLICE.match(layer)), f"{key}.layers",
+                     f"must name {self.arch} layers like 'relu3_3', 'conv5_4', 'pool4' or 'features[:35]'", layer)
+        if self.layer_weights is not None:
+            _require(len(self.layer_weights) == len(self.layers), f"{key}.layer_weights",
+                     "needs one weight per layer", self.layer_weights)
+
+
+@dataclass
+class MSSSIMTermConfig(LossTermConfig):
+    """1 - MS-SSIM on rendered sRGB; renders under 161 px a side fail unless `fallback` (then 1 - SSIM)."""
+
+    fallback: bool = False
 
 
 @dataclass
@@ -255,7 +279,7 @@ class LossConfig:
     lpips: LpipsTermConfig = field(default_factory=lambda: LpipsTermConfig(weight=0.02))
     delta_e00: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.02))
     ssim: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.05))
-    ms_ssim: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
+    ms_ssim: MSSSIMTermConfig = field(default_factory=lambda: MSSSIMTermConfig(weight=0.0))
     edge: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
     color_angle: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
     weighting: Literal["fixed", "uncertainty", "softmax"] = "fixed"
@@ -396,6 +420,6 @@ class ExperimentConfig:
 
 __all__ = [
     "CFA_PERIOD", "VGG16_LAYERS", "DataConfig", "ModelConfig", "LossTermConfig", "CharbonnierTermConfig",
-    "RobustTermConfig", "PerceptualTermConfig", "LpipsTermConfig", "LossConfig", "TrainConfig",
+    "RobustTermConfig", "PerceptualTermConfig", "MSSSIMTermConfig", "VGG19_LAYERS", "LpipsTermConfig", "LossConfig", "TrainConfig",
     "EvalConfig", "ExperimentConfig",
 ]

@@ -23,9 +23,12 @@ the files and truth.json agree exactly.
 
 Sensor. The clean camera-RGB mosaic is scaled so that its 99.5th percentile lands at a random
 level in [0.55, 0.9] of the range (the long exposure is well exposed; a few highlights clip),
-then passed through a known crosstalk kernel (`--crosstalk`, default "uniform(0.02)", recorded
-in truth.json). The long exposure is that mosaic, clipped to [0, 1] and rounded to DN (no
-noise). A short exposure of t seconds sees the same unclipped signal divided by the physical
+and a known crosstalk kernel K (`--crosstalk`, default "uniform(0.02)", recorded in truth.json)
+acts on the short exposures only. This is the model the crosstalk data-consistency loss and
+`calibrate-crosstalk` assume, `align(A) ~ K * B`: the long exposure stands for the clean,
+crosstalk-free RAW the network should predict. The long exposure is the clean mosaic, clipped to
+[0, 1] and rounded to DN (no noise). A short exposure of t seconds sees K applied to the
+unclipped clean mosaic, divided by the physical
 ratio 10 / t (100, 250, 303.03; SID's nominal ratios, capped at 300, are 100 / 250 / 300), plus
 ELD noise (`rawrestore.physics.noise`): parameters sampled per short frame from the calibration
 of `--noise-camera` (default SonyA7S2, also used for Fuji, which has no ELD calibration),
@@ -281,13 +284,14 @@ class Scene:
     photo: str
     view: dict[str, Any]
     exposure_scale: float
-    signal: torch.Tensor
+    latent: torch.Tensor  # clean, crosstalk-free: what the long exposure records
+    signal: torch.Tensor  # K * latent: what the short exposures see
     meta: CameraMeta
 
 
 def make_scene(spec: CameraSpec, split: str, scene: int, photo: str, size: int, kernel: torch.Tensor,
                rng: np.random.Generator, scratch: Path) -> Scene:
-    """Un-process one random view of `photo` into a normalised mosaic with crosstalk. signal (1,1,S,S) float64."""
+    """Un-process one random view of `photo` into a normalised mosaic, with and without crosstalk. (1,1,S,S) float64."""
     view, info = random_view(load_photo(photo), size, rng)
     cam_to_srgb, daylight, wb = random_colour(spec, rng)
     meta = _as_read_back(_camera_meta(spec, size, cam_to_srgb, daylight, wb, LONG_EXPOSURE_S), scratch)
@@ -296,8 +300,9 @@ def make_scene(spec: CameraSpec, split: str, scene: int, photo: str, size: int, 
     level = float(torch.quantile(mosaic.flatten()[:: max(1, mosaic.numel() // 65536)], 0.995))
     target = rng.uniform(*EXPOSURE_TARGET)
     exposure_scale = float(np.clip(target / max(level, 1e-4), 0.25, 8.0))
-    signal = apply_crosstalk(mosaic * exposure_scale, kernel.to(torch.float64))
-    return Scene(split, scene, photo, info, exposure_scale, signal, meta)
+    latent = mosaic * exposure_scale
+    signal = apply_crosstalk(latent, kernel.to(torch.float64))
+    return Scene(split, scene, photo, info, exposure_scale, latent, signal, meta)
 
 
 def _relative(camera_folder: str, kind: str, scene: int, burst: int, exposure: float) -> str:
@@ -380,7 +385,7 @@ def generate(
             made = make_scene(spec, split, scene, photo, size, kernel, rng, scratch)
 
             long_rel = _relative(spec.folder, "long", scene, 0, LONG_EXPOSURE_S)
-            long_mosaic = long_frame(made.signal, spec.black_level, spec.white_level)
+            long_mosaic = long_frame(made.latent, spec.black_level, spec.white_level)
             long_meta = isp.write_dng(out / long_rel, long_mosaic, replace(made.meta, exposure_time=LONG_EXPOSURE_S))
             truth_files[long_rel] = {"meta": long_meta.to_dict()}
             if on_file is not None:

@@ -48,13 +48,13 @@ def _build_term(name: str, term: LossTermConfig, allow_random: bool, period: int
         return None if period is None else CrosstalkConsistencyLoss(build_kernel(kernel_spec, period))
     if name == "perceptual":
         return PerceptualLoss.from_pretrained(
-            getattr(term, "arch", "vgg19"), term.weights, layers=term.layers, criterion=term.criterion,
-            layer_weights=getattr(term, "layer_weights", None), allow_random=allow_random,
+            term.arch, term.weights, layers=term.layers, criterion=term.criterion,
+            layer_weights=term.layer_weights, allow_random=allow_random,
         )
     if name == "lpips":
         return LPIPSLoss.from_pretrained(term.net, term.weights, allow_random=allow_random)
     if name == "ms_ssim":
-        return MSSSIMLoss(fallback=bool(getattr(term, "fallback", False)))
+        return MSSSIMLoss(fallback=term.fallback)
     return LOSSES[name]()
 
 
