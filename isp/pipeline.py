@@ -144,11 +144,10 @@ def render_file(
     dev = resolve_device(device)
     period = meta.cfa_period
     gains = select_wb(meta, wb)
-    if (demosaic == "bilinear" and period == 2 and dev.type == "cpu" and gamma in GAMMAS
-            and mosaic.shape[0] % 2 == 0 and mosaic.shape[1] % 2 == 0):
+    if demosaic == "bilinear" and dev.type == "cpu" and gamma in GAMMAS:
         scaled = [g / min(gains) for g in gains]  # LibRaw's multiplier scaling, as render(libraw_wb=True)
-        return fast.render_bayer_mosaic(mosaic, meta.cfa, meta.black_level, meta.white_level, scaled,
-                                        meta.cam_to_srgb, gamma=gamma, exposure_ratio=exposure_ratio)
+        return fast.render_mosaic(mosaic, meta.cfa, meta.black_level, meta.white_level, scaled, meta.cam_to_srgb,
+                                  gamma=gamma, exposure_ratio=exposure_ratio)
     if demosaic == "half":
         h, w = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
         mosaic = mosaic[:h, :w]

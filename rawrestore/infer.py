@@ -84,9 +84,8 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
         raise InputError(f"{path} has a {kind} CFA but the model was trained for data.camera={cfg.data.camera}; "
                          "use a checkpoint trained on this kind of sensor")
     value, how = resolve_ratio(meta, ratio, reference_exposure_s, cfg.data.ratio_cap, str(path))
+    # whole CFA periods only (packing needs them); a partial last row/column of periods is dropped
     height, width = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
-    if cfg.data.packed and period == 6:  # packed X-Trans planes need an even size: whole 6x6 periods
-        height, width = (height // 6) * 6, (width // 6) * 6
     mosaic = mosaic[:height, :width]
     model, step, used_ema = load_model(cfg, checkpoint, device)
 

@@ -7,5 +7,5 @@ bash scripts/setup.sh
 if [ ! -f data/synthetic/truth.json ]; then
   rawrestore synth --out data/synthetic --camera sony --scenes 24 --seed 0
 fi
-rawrestore train -c configs/demo.yaml "$@"
+rawrestore train -c configs/demo.yaml --resume auto "$@"   # a rerun continues (or finds it done)
 rawrestore eval -c configs/demo.yaml --checkpoint runs/demo/checkpoints/last.pt --split test --out runs/demo/eval "$@"

@@ -6,7 +6,8 @@ from torch.autograd import gradcheck
 
 import isp
 from isp import fast, ops
-from tests.rawfixtures import BAYER_PHASES, make_meta, smooth_mosaic
+from isp.fast import render_mosaic
+from tests.rawfixtures import BAYER_PHASES, XTRANS, make_meta, smooth_mosaic
 
 PHASES = sorted(BAYER_PHASES)
 MATRIX = [[1.9, -0.7, -0.2], [-0.25, 1.6, -0.35], [0.02, -0.6, 1.58]]
@@ -100,7 +101,7 @@ def test_curve_lut_is_the_analytic_curve_on_the_16_bit_grid(gamma):
 
 def _fast_and_generic_linear(mosaic, meta, gamma, exposure_ratio=1.0):
     gains = [g / min(meta.wb_as_shot) for g in meta.wb_as_shot]
-    ours = fast.render_bayer_mosaic(mosaic, meta.cfa, meta.black_level, meta.white_level, gains, meta.cam_to_srgb,
+    ours = fast.render_mosaic(mosaic, meta.cfa, meta.black_level, meta.white_level, gains, meta.cam_to_srgb,
                                     gamma=gamma, exposure_ratio=exposure_ratio)
     x = ops.normalize(torch.from_numpy(mosaic.astype(np.float64))[None, None], meta.black_level, meta.white_level)
     linear = generic_render(x * exposure_ratio, meta.cfa, meta.wb_as_shot, torch.tensor(meta.cam_to_srgb, dtype=torch.float64),
@@ -108,24 +109,34 @@ def _fast_and_generic_linear(mosaic, meta, gamma, exposure_ratio=1.0):
     return ours, linear[0].permute(1, 2, 0).numpy()
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_file_render_linear_matches_generic(phase, monkeypatch):
-    monkeypatch.setattr(fast, "_STRIP_ROWS", 4)  # many strips, a partial last one, both workers
-    meta = make_meta(BAYER_PHASES[phase], [[512, 520], [508, 516]], 38, 46, wb=(2.1, 1.0, 1.6), matrix=MATRIX)
+FILE_CASES = [(BAYER_PHASES[p], 38, 46) for p in PHASES] + [(BAYER_PHASES["GBRG"], 21, 30), (XTRANS, 40, 50)]
+FILE_IDS = PHASES + ["bayer-odd", "xtrans"]
+
+
+@pytest.fixture
+def small_strips(monkeypatch):
+    """Many strips, a partial last one, and both workers busy on these small frames."""
+    monkeypatch.setattr(fast, "_STRIP_ROWS", 4)
+    monkeypatch.setattr(fast, "_MOSAIC_STRIP_ROWS", 6)
+
+
+@pytest.mark.parametrize("cfa, height, width", FILE_CASES, ids=FILE_IDS)
+def test_file_render_linear_matches_generic(cfa, height, width, small_strips):
+    meta = make_meta(cfa, 512 if len(cfa) == 6 else [[512, 520], [508, 516]], height, width, wb=(2.1, 1.0, 1.6), matrix=MATRIX)
     mosaic = smooth_mosaic(meta, seed=7, fill=1.0)
     threads = torch.get_num_threads()
     ours, linear = _fast_and_generic_linear(mosaic, meta, "linear", exposure_ratio=1.3)
-    assert ours.dtype == np.float32 and ours.shape == (38, 46, 3)
+    assert ours.dtype == np.float32 and ours.shape == (height, width, 3)
     assert np.abs(ours - linear).max() <= 1e-6
     assert torch.get_num_threads() == threads  # the workers' single-threaded setting is undone
 
 
 @pytest.mark.parametrize("gamma", ["srgb", "bt709"])
 @pytest.mark.parametrize("matrix", [MATRIX, [[7.0, -4.0, -2.0], [-3.0, 6.5, -2.5], [-2.0, -3.0, 6.0]]], ids=["table", "clamped"])
-def test_file_render_curve_is_the_curve_of_the_truncated_16_bit_value(gamma, matrix, monkeypatch):
+@pytest.mark.parametrize("cfa", [BAYER_PHASES["GRBG"], XTRANS], ids=["bayer", "xtrans"])
+def test_file_render_curve_is_the_curve_of_the_truncated_16_bit_value(cfa, gamma, matrix, small_strips):
     """LibRaw's rendering: out = curve(floor(65535 * linear) / 65535); an extreme matrix takes the clamp-first branch."""
-    monkeypatch.setattr(fast, "_STRIP_ROWS", 5)
-    meta = make_meta(BAYER_PHASES["GRBG"], 600, 40, 52, wb=(1.7, 1.0, 2.3), matrix=matrix)
+    meta = make_meta(cfa, 600, 42, 54, wb=(1.7, 1.0, 2.3), matrix=matrix)
     mosaic = smooth_mosaic(meta, seed=8, fill=1.0)
     ours, linear = _fast_and_generic_linear(mosaic, meta, gamma)
     expected = ops.apply_curve(torch.from_numpy(np.floor(linear * 65535) / 65535), gamma).numpy()
@@ -136,12 +147,21 @@ def test_file_render_curve_is_the_curve_of_the_truncated_16_bit_value(gamma, mat
     assert (linear <= 0).any() and (linear >= 1).any()  # both clip points are exercised
 
 
-def test_render_file_takes_the_fast_path(tmp_path):
-    meta = make_meta(BAYER_PHASES["RGGB"], 512, 32, 48)
+@pytest.mark.parametrize("cfa", [BAYER_PHASES["RGGB"], XTRANS], ids=["bayer", "xtrans"])
+def test_render_file_takes_the_fast_path(cfa, tmp_path, monkeypatch):
+    meta = make_meta(cfa, 512, 36, 48)
     isp.write_dng(tmp_path / "a.dng", smooth_mosaic(meta, fill=0.8), meta)
-    linear = isp.render_file(tmp_path / "a.dng", gamma="linear")
+    calls = []
+    monkeypatch.setattr(fast, "render_mosaic", lambda *a, **k: calls.append(1) or render_mosaic(*a, **k))
+    linear = isp.render_file(tmp_path / "a.dng", gamma="linear", exposure_ratio=1.5)
+    assert calls == [1]
     mosaic, read_meta = isp.read_raw(tmp_path / "a.dng")
-    reference = _fast_and_generic_linear(mosaic, read_meta, "linear")[1]
-    assert np.abs(linear - reference).max() <= 1e-6
-    with pytest.raises(isp.InputError, match="H, W even"):
-        fast.render_bayer_mosaic(np.zeros((5, 6), np.uint16), meta.cfa, meta.black_level, 16383, [1, 1, 1], np.eye(3))
+    assert np.abs(linear - _fast_and_generic_linear(mosaic, read_meta, "linear", exposure_ratio=1.5)[1]).max() <= 1e-6
+
+
+def test_render_mosaic_rejects_bad_inputs():
+    with pytest.raises(isp.InputError, match="black_level"):
+        fast.render_mosaic(np.zeros((6, 6), np.uint16), XTRANS, [[0, 0], [0, 0]], 16383, [1, 1, 1], np.eye(3))
+    with pytest.raises(isp.InputError, match="gamma"):
+        fast.render_mosaic(np.zeros((6, 6), np.uint16), BAYER_PHASES["RGGB"], [[0, 0], [0, 0]], 16383, [1, 1, 1], np.eye(3),
+                           gamma="pq")

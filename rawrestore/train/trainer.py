@@ -760,6 +760,10 @@ class Trainer:
                     written = self.save([ckpt.LAST])
                 if self.step < train.iterations:
                     reason = "stop_at"
+        except BaseException as error:
+            log.write({"event": "end", "step": self.step, "reason": "error", "error": f"{type(error).__name__}: {error}"})
+            log.close()
+            raise
         finally:
             if bar is not None:
                 bar.close()
