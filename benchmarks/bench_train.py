@@ -91,10 +91,10 @@ def _restore_rows(tmp: Path) -> list[dict]:
     develop_s = min(develop() for _ in range(2))
     note_mem = (f"peak RSS +{rss_tiled - rss0:.0f} MB tiled, then +{rss_whole - rss_tiled:.0f} MB more for the whole frame")
     return [
-        {"name": "restore 2832x4240 frame: U-Net w16 tiled 512/32 + isp render", "ours_s": tiled_s,
+        {"name": "restore 12MP frame: U-Net w16, tiles 512/32, + render", "ours_s": tiled_s,
          "reference_s": develop_s, "ratio": tiled_s / develop_s,
          "note": "reference: rawpy postprocess (LibRaw AHD, 8-bit sRGB) of the same DNG; seconds per frame"},
-        {"name": "tiling overhead: tiled 512/32 vs whole-frame forward (+render)", "ours_s": tiled_s,
+        {"name": "tiled 512/32 vs whole-frame U-Net w16 (+render), 12MP", "ours_s": tiled_s,
          "reference_s": whole_s, "ratio": tiled_s / whole_s, "note": note_mem},
     ]
 
@@ -124,7 +124,7 @@ def _train_row(tmp: Path, steps: int = 8) -> dict:
     full = step_time([])
     baseline = step_time(["loss.crosstalk.weight=0", "loss.perceptual.weight=0", "loss.lpips.weight=0",
                           "loss.delta_e00.weight=0", "loss.ssim.weight=0"])
-    return {"name": "train step demo.yaml (b4, crop 256, w16, RAW+render+sRGB terms)", "ours_s": full,
+    return {"name": "train step demo.yaml (b4, crop256, w16, full stack)", "ours_s": full,
             "reference_s": baseline, "ratio": full / baseline,
             "note": f"reference: same step with RAW-L1 only (SID baseline); median of {steps} steps, no VGG/LPIPS weights"}
 
