@@ -77,7 +77,8 @@ def weights_path(arch: str, path: str | Path | None = None) -> Path:
     if not cached.is_file():
         raise WeightsError(
             f"{arch} weights not found: copy {backbone.filename} into {cache_dir} or pass its path "
-            f"explicitly (e.g. losses.lpips.weights=PATH); it is torchvision's IMAGENET1K_V1 file"
+            f"explicitly ({'loss.lpips.weights' if arch == 'alexnet' else 'loss.perceptual.weights'}=PATH); "
+            f"it is torchvision's IMAGENET1K_V1 file"
         )
     return cached
 
