@@ -1,10 +1,14 @@
 """Reading camera RAW files through LibRaw (rawpy) and writing DNGs (pidng)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -64,6 +68,49 @@ def _round_exif(value: float) -> float | None:
     return float(f"{value:.6g}") if value > 0 and np.isfinite(value) else None
 
 
+_stderr_lock = threading.Lock()
+_stderr_users = 0
+_stderr_saved = -1
+
+
+@contextlib.contextmanager
+def _libraw_stderr_silenced() -> Iterator[None]:
+    """Point fd 2 at the null device while LibRaw runs (reference-counted across threads).
+
+    LibRaw prints "<file>: Unexpected end of file" to the C stderr itself for a truncated file;
+    the RawReadError raised afterwards already says that in the one line a CLI prints.
+    """
+    global _stderr_users, _stderr_saved
+    with _stderr_lock:
+        if _stderr_users == 0:
+            try:
+                sys.stderr.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+            null = -1
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                _stderr_saved = os.dup(2)
+                os.dup2(null, 2)
+            except OSError:  # no fd 2 (a daemon) or no null device: leave stderr alone
+                if _stderr_saved >= 0:
+                    os.close(_stderr_saved)
+                _stderr_saved = -1
+            finally:
+                if null >= 0:
+                    os.close(null)
+        _stderr_users += 1
+    try:
+        yield
+    finally:
+        with _stderr_lock:
+            _stderr_users -= 1
+            if _stderr_users == 0 and _stderr_saved >= 0:
+                os.dup2(_stderr_saved, 2)
+                os.close(_stderr_saved)
+                _stderr_saved = -1
+
+
 def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, CameraMeta]:
     """Read a camera RAW. -> visible mosaic (H,W) uint16 in DN, CameraMeta.
 
@@ -78,7 +125,7 @@ def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, CameraMeta]:
     if path.stat().st_size == 0:
         raise RawReadError(path, "file is empty")
     try:
-        with rawpy.imread(str(path)) as raw:
+        with _libraw_stderr_silenced(), rawpy.imread(str(path)) as raw:
             return _extract(raw, path)
     except RawReadError:
         raise

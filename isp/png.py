@@ -47,6 +47,9 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bits: int | None = Non
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the PNG ordinary permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -54,6 +54,14 @@ def resolve_ratio(meta: isp.CameraMeta, ratio: float | None, reference_exposure_
     return value, f"{reference_exposure_s:g} s / {meta.exposure_time:g} s" + (f" capped at {cap:g}" if value == cap else "")
 
 
+def _make_folder(path: Path) -> None:
+    """Create the folder an output file goes to; InputError naming it when that is impossible."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {path.parent}: {exc.strerror or exc}; choose another output path") from None
+
+
 def _config_for(checkpoint: str | os.PathLike, config: str | None, overrides: list[str]) -> ExperimentConfig:
     """The config a checkpoint was trained with (or `config`), plus overrides."""
     if config is not None:
@@ -88,6 +96,10 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
     height, width = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
     mosaic = mosaic[:height, :width]
     model, step, used_ema = load_model(cfg, checkpoint, device)
+    out_png = Path(out_png)
+    for target in (out_png, None if out_dng is None else Path(out_dng)):
+        if target is not None:
+            _make_folder(target)
 
     cfa = torch.as_tensor(meta.cfa_array, device=device)
     black = torch.tensor(meta.black_level, dtype=torch.float32, device=device)
@@ -107,9 +119,10 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
     srgb = isp.ISP(demosaic="bilinear", gamma="srgb")(restored_mosaic, tensors["cfa"], tensors["wb"], tensors["cam_to_srgb"])
     picture = srgb[0].permute(1, 2, 0).cpu().numpy()
     del srgb
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    write_png(out_png, picture, bits=bits)
+    try:
+        write_png(out_png, picture, bits=bits)
+    except OSError as exc:
+        raise InputError(f"cannot write {out_png}: {exc.strerror or exc}") from None
     del picture
 
     meta_out = None
@@ -121,7 +134,13 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
         else:
             exposure = meta.exposure_time * value if meta.exposure_time else None
         written = dataclasses.replace(meta, width=int(dn.shape[1]), height=int(dn.shape[0]), exposure_time=exposure)
-        meta_out = isp.write_dng(out_dng, dn, written)
+        try:
+            meta_out = isp.write_dng(out_dng, dn, written)
+        except (OSError, InputError) as exc:
+            out_png.unlink(missing_ok=True)  # both outputs or neither
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"cannot write {out_dng}: {exc.strerror or exc}") from None
     return {"ratio": value, "ratio_source": how, "shape": (height, width), "seconds": time.perf_counter() - started,
             "used_ema": used_ema, "step": step, "meta_out": meta_out, "tile": tile_size, "overlap": overlap_size}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,15 +48,32 @@ seed: 5
     return path
 
 
-def test_two_gloo_ranks(tmp_path, data_root):
-    config = write_config(tmp_path, data_root)
+def run_torchrun(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """torchrun --standalone (rendezvous on a free port found at run time) in its own session.
+
+    On failure or timeout the test fails with everything torchrun and both ranks printed; a
+    timeout kills the whole process group, so no rank is left waiting in a collective.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "rawrestore", "train", "-c", str(config), "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s\n--- stdout\n{stdout}\n--- stderr\n{stderr}", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun exited with {proc.returncode}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", pytrace=False)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def test_two_gloo_ranks(tmp_path, data_root):
+    config = write_config(tmp_path, data_root)
+    done = run_torchrun(["-m", "rawrestore", "train", "-c", str(config), "--no-progress"], cwd=tmp_path)
     out = tmp_path / "ddp"
 
     # only rank 0 writes: one log with each step once, the expected checkpoints, nothing else

@@ -47,7 +47,7 @@ import isp
 from isp.meta import CameraMeta
 from rawrestore.data.cache import DecodeCache
 from rawrestore.data.manifest import (
-    CAMERAS, SHIPPED_DIR, PairRecord, load_manifest, read_sid_list, resolve_inside, resolve_record, sid_list_name,
+    CAMERAS, SHIPPED_DIR, PairRecord, load_manifest, resolve_inside, resolve_sid_list, sid_list_name,
 )
 from rawrestore.errors import DataError, InputError
 from rawrestore.physics.align import SID_RATIO_CAP, align_exposure, exposure_ratio
@@ -184,7 +184,21 @@ class SIDPairDataset(Dataset):
         if not self.cache.enabled:
             return 0
         paths = [p for r in self.records for p in ((r.long,) if self.synthetic_noise else (r.short, r.long))]
-        return self.cache.warm(paths, progress=progress)
+        count = self.cache.warm(paths, progress=progress)
+        self.check_pairs()
+        return count
+
+    def check_pairs(self) -> None:
+        """Check every pair now (CFA, equal sizes and cameras, the crop inside the frame); DataError naming the files.
+
+        `prepare` calls it once the metadata is cached, so a bad pair stops a run before its first step.
+        """
+        for record in self.records:
+            long_meta = self.cache.meta(record.long)
+            self._check_camera(record.long, long_meta)
+            if not self.synthetic_noise:
+                self._check_pair(record, self.cache.meta(record.short), long_meta)
+            self._check_crop(record.long, long_meta.height, long_meta.width)
 
     def _check_files_exist(self) -> None:
         needed = [p for r in self.records for p in ((r.long,) if self.synthetic_noise else (r.short, r.long))]
@@ -213,6 +227,13 @@ class SIDPairDataset(Dataset):
             kind = "X-Trans 6x6" if meta.cfa_period == 6 else "Bayer 2x2"
             raise DataError(f"{path}: has a {kind} CFA but data.camera is {self.camera}; set data.camera to match the files")
 
+    def _check_crop(self, path: str, height: int, width: int) -> None:
+        size = self.crop_size
+        if size is not None and (size > height or size > width):
+            key = "data.crop_size" if self.split == "train" else "data.val_crop"
+            raise DataError(f"{path}: crop_size {size} ({key}) is larger than the {width}x{height} frame; "
+                            f"use a smaller {key}" + ("" if self.split == "train" else " (or null for whole frames)"))
+
     def _window(self, height: int, width: int, path: str, rng: np.random.Generator | None,
                 ops: list[CropOp]) -> tuple[int, int, int, int, CropOp]:
         """top, left, crop height, crop width and transform of this sample's window."""
@@ -221,9 +242,7 @@ class SIDPairDataset(Dataset):
         if self.full_frame:
             return 0, 0, height // period * period, width // period * period, identity
         size = int(self.crop_size)  # type: ignore[arg-type]
-        if size > height or size > width:
-            raise DataError(f"{path}: crop_size {size} is larger than the {width}x{height} frame; "
-                            "use a smaller crop_size (or val_crop: null for whole frames)")
+        self._check_crop(path, height, width)
         if rng is None:  # evaluation: the deterministic centre crop
             return (height - size) // 2 // period * period, (width - size) // 2 // period * period, size, size, identity
         candidates = ops if self.augment else [identity]
@@ -346,7 +365,7 @@ def resolve_records(cfg_data: Any, split: str) -> tuple[list[PairRecord], Path]:
 
     manifest "auto": SID's `<Camera>_<split>_list.txt` in the dataset root if present, else the
     shipped `data_manifests/sid_<camera>_<split>.csv`. Otherwise a manifest CSV path (rows of
-    other splits are skipped).
+    other splits are skipped; a ratio above data.ratio_cap is an error naming the row).
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
@@ -355,11 +374,10 @@ def resolve_records(cfg_data: Any, split: str) -> tuple[list[PairRecord], Path]:
     if cfg_data.manifest == "auto":
         list_path = base / sid_list_name(camera, split)
         if list_path.is_file():
-            records = [resolve_record(r, base) for r in read_sid_list(list_path, split, camera)]
-            return records, base
+            return resolve_sid_list(list_path, split, camera, base), base
         shipped = SHIPPED_DIR / f"sid_{camera}_{split}.csv"
         return load_manifest(shipped, root=base), base
-    records = [r for r in load_manifest(cfg_data.manifest, root=base) if r.split == split]
+    records = [r for r in load_manifest(cfg_data.manifest, root=base, ratio_cap=cfg_data.ratio_cap) if r.split == split]
     if not records:
         raise DataError(f"manifest {cfg_data.manifest} has no {split} pairs; use a manifest with that split or manifest: auto")
     return records, base

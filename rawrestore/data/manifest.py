@@ -8,7 +8,8 @@ burst-00 Sony pairs of the test (93) and val (36) scenes as `<short name> <long 
 
 Manifest CSV columns (`CSV_COLUMNS`): split, scene, burst, short, long, short_exposure_s,
 long_exposure_s, ratio, iso, fnumber, camera, misaligned. `short`/`long` are POSIX paths
-relative to the dataset root (`Sony/short/...`); `ratio = min(long / short, 300)`;
+relative to the dataset root (`Sony/short/...`); `ratio = min(long / short, 300)` (training
+rejects a row whose ratio exceeds data.ratio_cap rather than capping it silently);
 `misaligned` marks Sony test scenes 10034, 10045, 10172, which papers leave out of scores.
 
 Burst-00 Sony test subset (`sid_sony_test_burst00.csv`): 93 pairs from 50 scenes (the same
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import os
 import posixpath
 import re
@@ -170,8 +172,14 @@ def write_manifest(records: Sequence[PairRecord], csv_path: str | os.PathLike, r
     return csv_path
 
 
-def load_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[PairRecord]:
-    """Read a manifest CSV -> list[PairRecord]; with `root`, paths become absolute and must stay inside root."""
+def load_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | None = None,
+                  ratio_cap: float | None = None) -> list[PairRecord]:
+    """Read a manifest CSV -> list[PairRecord]; with `root`, paths become absolute and must stay inside root.
+
+    With `ratio_cap` (data.ratio_cap), a row whose `ratio` column exceeds it is a DataError naming
+    the row: an explicit ratio is never silently capped (ratios computed from SID's file names are,
+    at 300, as SID does).
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} not found; build it with `rawrestore manifest`")
@@ -180,9 +188,19 @@ def load_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | None = 
         header = next(reader, None)
         if header is None or tuple(header) != CSV_COLUMNS:
             raise DataError(f"manifest {csv_path}: header must be {','.join(CSV_COLUMNS)}; regenerate it with `rawrestore manifest`")
-        records = [_row_to_record(row, f"{csv_path}:{number}") for number, row in enumerate(reader, start=2) if row]
-    if root is not None:
-        records = [resolve_record(r, root) for r in records]
+        rows = [(f"{csv_path}:{number}", row) for number, row in enumerate(reader, start=2) if row]
+    records = []
+    for where, row in rows:
+        record = _row_to_record(row, where)
+        if ratio_cap is not None and record.ratio > ratio_cap:
+            raise DataError(f"{where}: ratio {record.ratio:g} exceeds data.ratio_cap {ratio_cap:g}; fix the row or raise "
+                            "data.ratio_cap (ratios are capped only when computed from exposure times)")
+        if root is not None:
+            try:
+                record = resolve_record(record, root)
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
+        records.append(record)
     return records
 
 
@@ -221,14 +239,20 @@ def manifest_from_root(root: str | os.PathLike, camera: str,
         if not list_path.is_file():
             hint = "pass --lists DIR" if lists_dir is None else "check --lists"
             raise DataError(f"no {list_path.name} in {folder}; {hint} (the repository ships SID's lists in data_manifests/lists)")
-        resolved = []
-        for number, record in _numbered_records(list_path, split, camera):
-            try:
-                resolved.append(resolve_record(record, base))
-            except DataError as exc:
-                raise DataError(f"{list_path}:{number}: {exc}") from None
-        out[split] = resolved
+        out[split] = resolve_sid_list(list_path, split, camera, base)
     return out
+
+
+def resolve_sid_list(list_path: str | os.PathLike, split: str, camera: str, root: str | os.PathLike) -> list[PairRecord]:
+    """Pairs of one SID list with absolute paths under `root`; DataError naming file:line for a bad or escaping line."""
+    list_path = Path(list_path)
+    resolved = []
+    for number, record in _numbered_records(list_path, split, camera):
+        try:
+            resolved.append(resolve_record(record, root))
+        except DataError as exc:
+            raise DataError(f"{list_path}:{number}: {exc}") from None
+    return resolved
 
 
 def build_shipped_manifests(out_dir: str | os.PathLike | None = None,
@@ -361,6 +385,9 @@ def _row_to_record(row: list[str], where: str) -> PairRecord:
             parsed[column] = convert(values[column])
     except (ValueError, InputError):
         raise DataError(f"{where}: bad value {values.get(column)!r} in column {column!r}") from None
+    for column in ("short_exposure_s", "long_exposure_s", "ratio"):
+        if not (math.isfinite(parsed[column]) and parsed[column] > 0):
+            raise DataError(f"{where}: column {column!r} must be a positive number, got {values[column]!r}")
     for column in ("short", "long"):
         if not values[column]:
             raise DataError(f"{where}: empty {column!r} path")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -86,18 +87,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to `path` through a fsynced temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".part", dir=path.parent)
+def _write_temporary(folder: Path, data: bytes) -> Path:
+    """Write bytes to a new fsynced temporary file in `folder`. -> its path; nothing is left behind if the write fails."""
+    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".part", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
 
 
 def _sidecar(path: Path) -> Path:
@@ -105,7 +106,12 @@ def _sidecar(path: Path) -> Path:
 
 
 def save_checkpoint(state: dict[str, Any], paths: list[Path]) -> str:
-    """Serialise `state` once and write it atomically to every path, each with its sha256 sidecar. -> hex digest."""
+    """Serialise `state` once and write it atomically to every path, each with its sha256 sidecar. -> hex digest.
+
+    Both files of a path are written in full to temporaries before either is renamed, so a full
+    disk or an unwritable folder leaves the existing checkpoints as they were; that is a
+    CheckpointError naming the file and the reason.
+    """
     if not paths:
         raise InputError("save_checkpoint needs at least one path")
     buffer = io.BytesIO()
@@ -114,10 +120,24 @@ def save_checkpoint(state: dict[str, Any], paths: list[Path]) -> str:
     digest = hashlib.sha256(data).hexdigest()
     for path in paths:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, data)
-        _atomic_write(_sidecar(path), f"{digest}  {path.name}\n".encode("ascii"))
-        _fsync_dir(path.parent)
+        temporaries: list[Path] = []
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporaries.append(_write_temporary(path.parent, data))
+            temporaries.append(_write_temporary(path.parent, f"{digest}  {path.name}\n".encode("ascii")))
+            os.replace(temporaries[0], path)
+            os.replace(temporaries[1], _sidecar(path))
+            _fsync_dir(path.parent)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {reason}; the checkpoints already in {path.parent} are unchanged "
+                "(fix that, then continue with --resume auto)"
+            ) from None
+        finally:
+            for temporary in temporaries:
+                if temporary.exists():
+                    temporary.unlink()
     return digest
 
 
@@ -157,6 +177,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise CheckpointError(f"checkpoint {path} is unusable: {reason}; use another file in {path.parent}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refused a pickled object (a class, a function call): say so, never retry unsafely
+        lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        detail = f" ({lines[0][:160]})" if lines else ""
+        raise CheckpointError(f"checkpoint {path} holds pickled Python objects, not only tensors and plain values{detail}; "
+                              "refused: rawrestore loads checkpoints weights-only and never runs code from them") from None
     except Exception as error:  # torch raises several types for truncated zips and foreign pickles
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first[:160]})") from None

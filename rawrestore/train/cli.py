@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stop_at is not None and args.stop_at < 1:
         raise TrainingError(f"--stop-at must be >= 1, got {args.stop_at}")
     info = distributed.init_distributed(cfg.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, info, progress=not args.no_progress)
         if args.resume is None and (checkpoint_dir(cfg.output_dir) / LAST).is_file():
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
             )
         trainer.resume(args.resume)
         trainer.fit(stop_at=args.stop_at)
+        distributed.barrier()  # leave together: rank 0 may still be writing loss curves
     finally:
+        if trainer is not None:
+            trainer.release_process_group()
+        del trainer
         distributed.shutdown()
     return 0

@@ -7,6 +7,7 @@ process joins a process group (NCCL on CUDA, gloo on the CPU); only rank 0 write
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -89,8 +90,13 @@ def is_distributed() -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group (no-op when there is none)."""
+    """Leave the process group (no-op when there is none).
+
+    Objects that hold the group (a DDP reducer) must be gone first: the collection below frees
+    those only reachable through reference cycles, so none is destroyed after the group at exit.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

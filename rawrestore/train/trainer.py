@@ -28,8 +28,10 @@ import copy
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -43,11 +45,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 import isp
 from rawrestore.config import ExperimentConfig, save_resolved, to_dict
-from rawrestore.errors import ConfigError, InputError, WeightsError
+from rawrestore.errors import ConfigError, DataError, InputError, WeightsError
 from rawrestore.models import build_model_from_config, count_parameters
 from rawrestore.tiling import tiled_apply
 from rawrestore.train import checkpoint as ckpt
@@ -138,26 +140,58 @@ def _seeded_global_rngs(seed: int) -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
+@dataclass(frozen=True)
+class _LoadFailure:
+    """A sample a DataLoader worker could not load: its one-line message crosses to the main process as data."""
+
+    message: str
+
+
+def _collate(samples: list[Any]) -> Any:
+    """default_collate, or the first _LoadFailure among the samples."""
+    failure = next((sample for sample in samples if isinstance(sample, _LoadFailure)), None)
+    return failure if failure is not None else default_collate(samples)
+
+
 class SeededSamples(Dataset):
     """Wraps a dataset so item (index, seed) is `dataset[index]` drawn with every global RNG seeded by `seed`.
 
     The SID dataset draws its crops from `torch.initial_seed()` (different per worker) and a
     per-process call counter; seeding per sample and resetting that counter makes each draw a
     function of (seed, epoch, index) alone, whichever worker, or none, loads it.
+
+    In a DataLoader worker an InputError becomes a `_LoadFailure` (DataLoader would re-raise it
+    with a traceback in its message), and `reading`, a shared int64 array of (pid, index) per
+    worker, says which item each worker is loading (index -1 between items), so the pair a
+    worker that died was reading can be named.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, reading: Any = None):
         self.dataset = dataset
+        self.reading = reading
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        with _seeded_global_rngs(seed):
-            if hasattr(self.dataset, "_calls"):
-                self.dataset._calls = 0  # the SID dataset mixes a per-process call count into its RNG
-            return self.dataset[index]
+        worker = get_worker_info()
+        tracked = worker is not None and self.reading is not None
+        if tracked:
+            self.reading[2 * worker.id] = os.getpid()
+            self.reading[2 * worker.id + 1] = index
+        try:
+            with _seeded_global_rngs(seed):
+                if hasattr(self.dataset, "_calls"):
+                    self.dataset._calls = 0  # the SID dataset mixes a per-process call count into its RNG
+                return self.dataset[index]
+        except InputError as error:
+            if worker is None:
+                raise
+            return _LoadFailure(str(error))
+        finally:
+            if tracked:
+                self.reading[2 * worker.id + 1] = -1
 
 
 def _worker_init(_: int) -> None:
@@ -378,10 +412,12 @@ class Trainer:
 
         self.train_set = build_datasets(cfg.data, "train", seed=cfg.seed)
         try:
-            self.val_set = build_datasets(cfg.data, "val", seed=cfg.seed) if train.val_every > 0 else None
-        except InputError as error:
+            self.val_set = build_datasets(cfg.data, "val", seed=cfg.seed, prepare=False) if train.val_every > 0 else None
+        except InputError as error:  # no val pairs, or their files are absent: train without validation
             self.val_set = None
             self.info(f"validation off: {error}")
+        if self.val_set is not None:
+            self.val_set.prepare()  # val pairs that exist must be usable: a bad pair or val_crop fails before training
 
         self.net = build_model_from_config(cfg.model, cfg.data.in_channels).to(self.device)
         self.model: nn.Module = self.net
@@ -411,12 +447,21 @@ class Trainer:
         self.best_psnr: float | None = None
         self.best_step: int | None = None
         self._stop_signal: int | None = None
+        self._reading: Any = None  # (pid, dataset index) per DataLoader worker, see SeededSamples
         self._lpips: nn.Module | None = None
         self._lpips_note: str | None = None
         self.val_render = isp.ISP(demosaic="bilinear", gamma="srgb")
         self.param_count = count_parameters(self.net)
 
     # ------------------------------------------------------------------ helpers
+
+    def release_process_group(self) -> None:
+        """Drop the DistributedDataParallel wrapper, whose reducer holds the process group; call before shutdown().
+
+        A reducer that outlives destroy_process_group is torn down at interpreter exit, where gloo
+        aborts the process now and then ("terminate called without an active exception", exit -6).
+        """
+        self.model = self.net
 
     def info(self, line: str) -> None:
         """Print one line on rank 0."""
@@ -430,9 +475,10 @@ class Trainer:
             start_batch=start_step * self.cfg.train.accumulate,
         )
         workers = self.cfg.data.num_workers
+        self._reading = multiprocessing.RawArray("q", [0, -1] * workers) if workers else None
         loader = DataLoader(
-            SeededSamples(self.train_set), batch_sampler=sampler, num_workers=workers,
-            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+            SeededSamples(self.train_set, self._reading), batch_sampler=sampler, num_workers=workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
             generator=torch.Generator().manual_seed(self.cfg.seed),  # keeps the global torch RNG untouched
             prefetch_factor=2 if workers else None,
         )
@@ -623,7 +669,10 @@ class Trainer:
         reason: str | None = None
         local_nonfinite = False
         for micro in range(train.accumulate):
-            batch = self._to_device(next(batches))  # always consumed: the data stream follows the step
+            batch = next(batches)  # always consumed: the data stream follows the step
+            if isinstance(batch, _LoadFailure):
+                raise DataError(batch.message)
+            batch = self._to_device(batch)
             if self.cfg.data.synthetic_noise and "input" not in batch:
                 self._synthesize(batch, step, micro)
             finite = bool(torch.isfinite(batch["input"]).all()) and bool(torch.isfinite(batch["target"]).all())
@@ -689,9 +738,12 @@ class Trainer:
         train = self.cfg.train
         end = train.iterations if stop_at is None else min(stop_at, train.iterations)
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(self.cfg, self.output_dir / CONFIG_NAME)
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                save_resolved(self.cfg, self.output_dir / CONFIG_NAME)
+            except OSError as error:
+                raise TrainingError(f"cannot write to output_dir {self.output_dir}: {error.strerror or error}; "
+                                    "set output_dir to a folder that can be created and written") from None
         self.info(f"model {self.cfg.model.name}: {self.param_count:,} parameters "
                   f"(in/out {self.cfg.data.in_channels} channels); loss terms: {', '.join(self.loss.term_names)}")
         self.info(f"data: {len(self.train_set)} train pairs, {len(self.val_set) if self.val_set is not None else 0} val; "
@@ -763,6 +815,9 @@ class Trainer:
         except BaseException as error:
             log.write({"event": "end", "step": self.step, "reason": "error", "error": f"{type(error).__name__}: {error}"})
             log.close()
+            died = self._worker_death(error)
+            if died is not None:
+                raise died from None
             raise
         finally:
             if bar is not None:
@@ -787,6 +842,23 @@ class Trainer:
                         f"{self.skipped_steps} skipped; checkpoint {written}{best}"
                         + (f"; curves {curves}" if curves else ""))
         return FitResult(self.step, reason, written, self.best_psnr, self.skipped_steps)
+
+    def _worker_death(self, error: BaseException) -> TrainingError | None:
+        """torch's RuntimeError for a DataLoader worker that died -> one line naming the pair it was reading; else None."""
+        text = str(error).strip()
+        match = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", text)
+        if not isinstance(error, RuntimeError) or match is None or self._reading is None:
+            return None
+        pids = {int(pid) for pid in re.findall(r"\d+", match.group(1))}
+        reading = list(self._reading)
+        indices = [reading[i + 1] for i in range(0, len(reading), 2) if reading[i] in pids and reading[i + 1] >= 0]
+        records = getattr(self.train_set, "records", None)
+        names = [f"{records[i].short} / {records[i].long}" if records is not None else f"item {i}" for i in indices]
+        where = f"while reading {'; '.join(names)}" if names else "between samples"
+        return TrainingError(
+            f"{text.splitlines()[0].rstrip('. ')} {where}; rerun with data.num_workers=0 to see the error in this "
+            "process, or lower data.num_workers if the machine ran out of memory"
+        )
 
     def _validate_and_log(self, log: _JsonlLog, board: Any, bar: Any) -> None:
         """Validate, log the summary, write best.pt when the PSNR improved."""
