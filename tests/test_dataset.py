@@ -303,3 +303,44 @@ def test_bad_crop_size_is_a_data_error(tmp_path):
         SIDPairDataset(records, tmp_path, "fuji", crop_size=16)
     with pytest.raises(DataError, match="larger than the 40x40 frame"):
         SIDPairDataset(records, tmp_path, "sony", crop_size=48)[0]
+
+
+def test_synthetic_crosstalk_acts_before_the_noise(sony_set, tmp_path):
+    from rawrestore.physics.crosstalk import apply_crosstalk, uniform_kernel
+
+    records = [record("Sony/short/00001_00_0.1s.dng", "Sony/long/00001_00_10s.dng")]
+    ds = SIDPairDataset(records, sony_set, "sony", crop_size=None, augment=False, synthetic_noise=True,
+                        cache_dir=tmp_path / "cache")
+    batch = next(iter(DataLoader(ds, batch_size=1)))
+    # flat colour patches (R 0.8, G 0.2, B 0.6) at ratio 1: the noise averages out, crosstalk does not
+    batch["target"] = torch.tensor([0.8, 0.2, 0.6, 0.2]).view(1, 4, 1, 1).expand(1, 4, 48, 48).contiguous()
+    batch["ratio"] = torch.ones(1)
+    kernel = uniform_kernel(2, 0.05)
+    plain = synthesize_input(batch, torch.Generator().manual_seed(0), clip=False)
+    leaked = synthesize_input(batch, torch.Generator().manual_seed(0), clip=False, crosstalk=kernel)
+    mosaic = isp.cfa.unpack(batch["target"], batch["cfa"][0])
+    expected = isp.cfa.pack(apply_crosstalk(mosaic, kernel), batch["cfa"][0])
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # away from the zero-padded border
+    np.testing.assert_allclose(leaked[inner].mean(dim=(0, 2, 3)).numpy(), expected[inner].mean(dim=(0, 2, 3)).numpy(), atol=1.5e-3)
+    np.testing.assert_allclose(plain[inner].mean(dim=(0, 2, 3)).numpy(), [0.8, 0.2, 0.6, 0.2], atol=1.5e-3)
+    assert float((expected - batch["target"])[inner].mean(dim=(0, 2, 3)).abs().min()) > 0.01  # the checks have teeth
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_gain_jitter_scales_each_colour_once_within_bounds(packed):
+    from rawrestore.data.dataset import jitter_gains
+
+    cfa = torch.tensor([[[0, 1], [1, 2]]] * 8)
+    flat = torch.full((8, 4, 6, 6), 0.3) if packed else torch.full((8, 1, 12, 12), 0.3)
+    out = jitter_gains(flat, cfa, 0.5, torch.Generator().manual_seed(1))
+    mosaic = torch.cat([isp.cfa.unpack(out[i:i + 1], cfa[i]) for i in range(8)]) if packed else out
+    gains = mosaic[:, 0, :2, :2] / 0.3  # (B,2,2): R, G / G, B
+    assert torch.allclose(mosaic, gains.repeat(1, 6, 6)[:, None] * 0.3)  # one gain per site, everywhere
+    assert torch.allclose(gains[:, 0, 1], gains[:, 1, 0])  # both greens share the G gain
+    assert float(gains.min()) >= 1 / 1.5 - 1e-6 and float(gains.max()) <= 1.5 + 1e-6
+    assert float(gains.std()) > 0.05  # gains do vary
+    again = jitter_gains(flat, cfa, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    assert torch.equal(jitter_gains(flat, cfa, 0.0), flat)
+    bright = jitter_gains(torch.full_like(flat, 0.9), cfa, 2.0, torch.Generator().manual_seed(2))
+    assert float(bright.max()) == 1.0  # clipped like a sensor

@@ -181,3 +181,28 @@ def test_cli_synth(tmp_path, capsys):
     assert "1 sony scenes" in capsys.readouterr().out
     assert cli_main(["synth", "--out", str(tmp_path / "d"), "--scenes", "1", "--size", "48"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_dead_leaves_cover_the_frame_with_power_law_discs():
+    rng = np.random.default_rng(3)
+    image, info = synth.dead_leaves(96, rng)
+    assert image.shape == (96, 96, 3) and 0.0 <= image.min() and image.max() <= 1.0
+    assert info["dead_leaves"]["leaves"] <= 40000
+    # flat, gently shaded discs (small steps between neighbours) and many occlusion edges
+    dx = np.abs(np.diff(image, axis=1)).max(axis=2)
+    assert float((dx < 5e-3).mean()) > 0.1 and float((dx > 0.05).mean()) > 0.2
+    # the same rng state gives the same picture
+    again, _ = synth.dead_leaves(96, np.random.default_rng(3))
+    np.testing.assert_array_equal(image, again)
+
+
+def test_grey_sources_are_tinted_per_scene_and_colour_photos_untouched():
+    rng = np.random.default_rng(0)
+    tinted, info = synth.scene_view("brick", 64, rng)
+    dark, light = (np.asarray(c) for c in info["duotone"])
+    grey = (tinted - dark) / (light - dark)  # the duotone is linear per channel: all channels agree
+    np.testing.assert_allclose(grey[..., 0], grey[..., 2], atol=1e-9)
+    photo, info = synth.scene_view("coffee", 64, np.random.default_rng(0))
+    assert "duotone" not in info and photo.shape == (64, 64, 3)
+    view, _ = synth.random_view(synth.load_photo("coffee"), 64, np.random.default_rng(0))
+    np.testing.assert_array_equal(photo, view)

@@ -66,6 +66,8 @@ class DataConfig:
     num_workers: int = 2
     synthetic_noise: bool = False  # synthesise dark inputs from long exposures with a noise model
     noise_camera: str = "SonyA7S2"
+    synthetic_crosstalk: str = "identity"  # kernel applied to the clean frame before synthetic noise (as the sensor does)
+    gain_jitter: float = 0.0  # with synthetic_noise: R, G, B gains log-uniform in [1/(1+x), 1+x] on the clean frame
     val_crop: int | None = None  # None: validate on whole images
     ratio_cap: float = 300.0  # exposure ratios above this are clamped (SID uses 300)
 
@@ -103,6 +105,7 @@ class DataConfig:
         _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", self.num_workers)
         _require(self.noise_camera != "", f"{key}.noise_camera", "must name a noise profile", self.noise_camera)
         _require(self.ratio_cap >= 1.0, f"{key}.ratio_cap", "must be >= 1", self.ratio_cap)
+        _require(0.0 <= self.gain_jitter <= 3.0, f"{key}.gain_jitter", "must be in [0, 3]", self.gain_jitter)
 
 
 # ---------------------------------------------------------------------------- model
@@ -335,6 +338,7 @@ class TrainConfig:
     step_milestones: list[int] = field(default_factory=list)  # schedule "step": multiply lr by step_gamma
     step_gamma: float = 0.1
     amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = True  # NHWC activations: faster convolutions on CPUs and tensor-core GPUs
     grad_clip: float | None = None  # max global grad norm
     accumulate: int = 1  # micro-batches per optimiser step
     ema: float | None = None  # decay of an exponential moving average of the weights

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from rawrestore.data.manifest import (
 )
 from rawrestore.errors import DataError, InputError
 from rawrestore.physics.align import SID_RATIO_CAP, align_exposure, exposure_ratio
+from rawrestore.physics.crosstalk import apply_crosstalk
 from rawrestore.physics.noise import DEFAULT_CAMERA, sample_noise_params, synthesize_dark
 
 CFA_PERIOD: dict[str, int] = {"sony": 2, "fuji": 6}
@@ -325,19 +327,24 @@ def synthesize_input(
     noise_camera: str = DEFAULT_CAMERA,
     read_noise: str = "tukey",
     clip: bool = True,
+    crosstalk: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dark, aligned input from clean targets. batch['target'] (B,C,h,w) packed or (B,1,H,W) -> same shape, float.
 
     Per sample: ELD parameters drawn from `noise_camera`, the target divided by `ratio` and
     noised in DN with its black/white level (`rawrestore.physics.synthesize_dark`), then
-    multiplied by `ratio` (clipped to [0, 1] when `clip`). Runs on the target's device; a
-    generator must live there too.
+    multiplied by `ratio` (clipped to [0, 1] when `clip`). `crosstalk` (P,P,3,3), when given,
+    acts on the clean mosaic first, as it does on the sensor before the noise (the clean target
+    stays crosstalk-free, the model the data-consistency loss assumes). Runs on the target's
+    device; a generator must live there too.
     """
     target = batch["target"]
     cfa = batch["cfa"].to(target.device)
     count = target.shape[0]
     packed = target.shape[1] != 1
     mosaic = torch.cat([isp.cfa.unpack(target[i:i + 1], cfa[i]) for i in range(count)]) if packed else target
+    if crosstalk is not None:
+        mosaic = apply_crosstalk(mosaic, crosstalk.to(mosaic.device))
     params = [sample_noise_params(noise_camera, generator, read_noise=read_noise) for _ in range(count)]
     ratio = batch["ratio"].to(device=target.device, dtype=target.dtype)
     dark = synthesize_dark(mosaic, ratio, params, batch["black_level"].to(target.device),
@@ -346,6 +353,33 @@ def synthesize_input(
     if not packed:
         return aligned
     return torch.cat([isp.cfa.pack(aligned[i:i + 1], cfa[i]) for i in range(count)])
+
+
+def jitter_gains(target: torch.Tensor, cfa: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Clean frames under other light and exposure. target (B,C,h,w) packed or (B,1,H,W), cfa (B,P,P) -> same shape.
+
+    Per sample, gains for R, G and B drawn log-uniform in [1/(1+amount), 1+amount] multiply the
+    sites of that colour, and the result is clipped to [0, 1] like a sensor. Used before
+    `synthesize_input`, this widens the colours and brightness a small training set shows the
+    network (a grey-world network otherwise darkens scenes whose colour it has not seen).
+    """
+    if amount <= 0:
+        return target
+    count = target.shape[0]
+    spread = math.log1p(amount)
+    log_gains = (torch.rand(count, 3, generator=generator, device=target.device, dtype=torch.float64) * 2 - 1) * spread
+    gains = log_gains.exp().to(target.dtype)
+    packed = target.shape[1] != 1
+    out = []
+    for i in range(count):
+        cfa_i = cfa[i].to(target.device)
+        mosaic = isp.cfa.unpack(target[i:i + 1], cfa_i) if packed else target[i:i + 1]
+        period = cfa_i.shape[-1]
+        site_gain = gains[i][cfa_i.long()]  # (P,P) gain per CFA site
+        tiled = site_gain.repeat(mosaic.shape[-2] // period, mosaic.shape[-1] // period)
+        mosaic = (mosaic * tiled).clamp(0.0, 1.0)
+        out.append(isp.cfa.pack(mosaic, cfa_i) if packed else mosaic)
+    return torch.cat(out)
 
 
 def dataset_base(root: str | os.PathLike, camera: str) -> Path:

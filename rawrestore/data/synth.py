@@ -34,10 +34,18 @@ ELD noise (`rawrestore.physics.noise`): parameters sampled per short frame from 
 of `--noise-camera` (default SonyA7S2, also used for Fuji, which has no ELD calibration),
 quantisation by rounding to integer DN (the model's quant_step 1 DN), clipped to [0, white].
 
+Content. Besides scikit-image's colour photographs, training scenes use its grey photographs and
+textures (camera, brick, grass, gravel), each given a random two-colour (duotone) tint per scene,
+and procedural "dead leaves" images (occluding discs with a power-law size distribution, random
+colours and shading: the scale-invariant statistics of natural images, Lee, Mumford & Huang
+2001; used to train restoration networks by Achddou et al. 2021). Five photographs alone teach a
+small network their own brightness and colours; the varied content is what lets the demo model
+generalise to unseen photographs.
+
 Splits. Scene ids start with the split digit (0 train, 1 test, 2 val). The photographs are split
 too, so no test or validation scene shares a photograph, let alone a crop, with training:
-train = astronaut, coffee, rocket, retina, hubble_deep_field; val = immunohistochemistry;
-test = chelsea, motorcycle (left view of stereo_motorcycle). Of N scenes, round(N/5) are test and
+train = astronaut, coffee, rocket, retina, hubble_deep_field, camera, brick, grass, gravel and
+dead leaves; val = immunohistochemistry; test = chelsea, motorcycle (left view of stereo_motorcycle). Of N scenes, round(N/5) are test and
 round(N/10) val (at least one each for N >= 3), the rest train. Many scenes per photograph come
 from different random views. Generation is deterministic for a given (camera, scenes, seed,
 size, crosstalk, noise camera) on one machine.
@@ -71,10 +79,13 @@ SHORT_EXPOSURES_S: tuple[float, ...] = (0.1, 0.04, 0.033)
 SPLIT_DIGIT: dict[str, int] = {"train": 0, "test": 1, "val": 2}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 PHOTOS_BY_SPLIT: dict[str, tuple[str, ...]] = {
-    "train": ("astronaut", "coffee", "rocket", "retina", "hubble_deep_field"),
+    "train": ("astronaut", "coffee", "rocket", "retina", "hubble_deep_field",
+              "camera", "brick", "grass", "gravel", "dead_leaves"),
     "val": ("immunohistochemistry",),
     "test": ("chelsea", "motorcycle"),
 }
+GREY_PHOTOS = frozenset({"camera", "brick", "grass", "gravel"})  # tinted per scene (duotone)
+DEAD_LEAVES = "dead_leaves"  # procedural content, drawn per scene
 TRUTH_NAME = "truth.json"
 DEFAULT_CROSSTALK = "uniform(0.02)"
 EXPOSURE_TARGET = (0.55, 0.9)  # 99.5th percentile of the long exposure, fraction of the range
@@ -164,7 +175,9 @@ def load_photo(name: str) -> np.ndarray:
 
     if name == "motorcycle":
         image = data.stereo_motorcycle()[0]
-    elif name in {n for names in PHOTOS_BY_SPLIT.values() for n in names}:
+    elif name in GREY_PHOTOS:
+        image = np.repeat(np.asarray(getattr(data, name)())[..., None], 3, axis=2)
+    elif name in {n for names in PHOTOS_BY_SPLIT.values() for n in names} - {DEAD_LEAVES}:
         image = getattr(data, name)()
     else:
         raise InputError(f"unknown photograph {name!r}; use one of {sorted(n for v in PHOTOS_BY_SPLIT.values() for n in v)}")
@@ -199,6 +212,69 @@ def random_view(photo: np.ndarray, size: int, rng: np.random.Generator) -> tuple
         view = view[:, ::-1]
     info = {"box": [y0, x0, y1 - y0, x1 - x0], "scale": size / side, "rot90": rotations, "flip": flip}
     return np.clip(np.ascontiguousarray(view), 0.0, 1.0), info
+
+
+def duotone(grey: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+    """Tint a grey view with two random colours. grey (S,S,3) equal channels in [0,1] -> (S,S,3), info.
+
+    Black maps to a dark colour, white to a light one, linearly in between (sRGB values).
+    """
+    dark = rng.uniform(0.0, 0.25, 3)
+    light = rng.uniform(0.55, 1.0, 3)
+    level = grey[..., :1]
+    return np.clip(dark + (light - dark) * level, 0.0, 1.0), {"duotone": [dark.tolist(), light.tolist()]}
+
+
+def dead_leaves(size: int, rng: np.random.Generator, max_leaves: int = 40000, supersample: int = 2) -> tuple[np.ndarray, dict[str, Any]]:
+    """A dead-leaves image. -> (S,S,3) sRGB in [0,1], info.
+
+    Discs fall one after another and each shows only where no earlier one lies (front to back,
+    until the frame is covered or `max_leaves` have fallen; a last uniform colour fills any
+    gap). Radii have density proportional to r^-3 between 1.5 px and a quarter of the side,
+    centres are uniform, colours random (partly desaturated) with a random linear shading across
+    each disc. Drawn `supersample` times larger and box-averaged down, so edges are
+    anti-aliased as optics would leave them.
+    """
+    side = size * supersample
+    image = np.zeros((side, side, 3))
+    covered = np.zeros((side, side), dtype=bool)
+    r_min, r_max = 1.5 * supersample, side / 4.0
+    fallen = 0
+    while fallen < max_leaves and not covered.all():
+        count = 2000
+        u = rng.uniform(0.0, 1.0, count)
+        radii = (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5  # inverse CDF of p(r) ~ r^-3
+        centres = rng.uniform(0.0, side, (count, 2))
+        grey = rng.uniform(0.0, 1.0, (count, 1))
+        colours = grey + rng.uniform(0.2, 1.0, (count, 1)) * (rng.uniform(0.0, 1.0, (count, 3)) - grey)
+        colours = colours ** 1.6  # darker on average, as scenes are
+        shading = rng.uniform(-0.4, 0.4, (count, 2))
+        for radius, (cy, cx), colour, (gy, gx) in zip(radii, centres, colours, shading):
+            y0, y1 = max(0, int(cy - radius)), min(side, int(cy + radius) + 1)
+            x0, x1 = max(0, int(cx - radius)), min(side, int(cx + radius) + 1)
+            dy = (np.arange(y0, y1) - cy)[:, None] / radius
+            dx = (np.arange(x0, x1) - cx)[None, :] / radius
+            free = (dy * dy + dx * dx <= 1.0) & ~covered[y0:y1, x0:x1]
+            if free.any():
+                shade = np.clip(1.0 + gy * dy + gx * dx, 0.0, 2.0)[..., None]
+                patch = image[y0:y1, x0:x1]
+                patch[free] = np.clip(colour * shade, 0.0, 1.0)[free]
+                covered[y0:y1, x0:x1] |= free
+        fallen += count
+    image[~covered] = rng.uniform(0.0, 1.0, 3)
+    image = image.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
+    return image, {"dead_leaves": {"leaves": fallen, "supersample": supersample}}
+
+
+def scene_view(name: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+    """The sRGB content of one scene. -> (S,S,3) in [0,1], info (how it was made)."""
+    if name == DEAD_LEAVES:
+        return dead_leaves(size, rng)
+    view, info = random_view(load_photo(name), size, rng)
+    if name in GREY_PHOTOS:
+        view, tint = duotone(view, rng)
+        info.update(tint)
+    return view, info
 
 
 def random_colour(spec: CameraSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -292,7 +368,7 @@ class Scene:
 def make_scene(spec: CameraSpec, split: str, scene: int, photo: str, size: int, kernel: torch.Tensor,
                rng: np.random.Generator, scratch: Path) -> Scene:
     """Un-process one random view of `photo` into a normalised mosaic, with and without crosstalk. (1,1,S,S) float64."""
-    view, info = random_view(load_photo(photo), size, rng)
+    view, info = scene_view(photo, size, rng)
     cam_to_srgb, daylight, wb = random_colour(spec, rng)
     meta = _as_read_back(_camera_meta(spec, size, cam_to_srgb, daylight, wb, LONG_EXPOSURE_S), scratch)
     camera_rgb = unprocess(view, meta.cam_to_srgb, meta.wb_as_shot)
@@ -471,6 +547,6 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = [
     "CAMERA_SPECS", "CameraSpec", "LONG_EXPOSURE_S", "SHORT_EXPOSURES_S", "PHOTOS_BY_SPLIT", "XTRANS_XT2",
-    "split_counts", "scene_ids", "load_photo", "random_view", "random_colour", "unprocess", "long_frame",
+    "split_counts", "scene_ids", "load_photo", "random_view", "duotone", "dead_leaves", "scene_view", "random_colour", "unprocess", "long_frame",
     "dark_frame", "make_scene", "generate", "configure", "run",
 ]

@@ -420,6 +420,8 @@ class Trainer:
             self.val_set.prepare()  # val pairs that exist must be usable: a bad pair or val_crop fails before training
 
         self.net = build_model_from_config(cfg.model, cfg.data.in_channels).to(self.device)
+        if train.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.model: nn.Module = self.net
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -427,6 +429,11 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=device_ids)
         self.ema = ModelEMA(self.net, train.ema) if train.ema is not None else None
+        self._synthetic_kernel: torch.Tensor | None = None
+        if cfg.data.synthetic_noise and cfg.data.synthetic_crosstalk != "identity":
+            from rawrestore.physics.crosstalk import build_kernel
+
+            self._synthetic_kernel = build_kernel(cfg.data.synthetic_crosstalk, cfg.data.cfa_period).to(self.device)
 
         from rawrestore.losses import LossStack
 
@@ -498,8 +505,12 @@ class Trainer:
 
         generator = torch.Generator(device=self.device)
         generator.manual_seed(mix_seed(self.cfg.seed, 0xD4, step, micro, self.dist.rank))
+        if self.cfg.data.gain_jitter > 0:
+            from rawrestore.data.dataset import jitter_gains
+
+            batch["target"] = jitter_gains(batch["target"], batch["cfa"], self.cfg.data.gain_jitter, generator)
         batch["input"] = synthesize_input(batch, generator=generator, noise_camera=self.cfg.data.noise_camera,
-                                          clip=self.cfg.data.clip_aligned)
+                                          clip=self.cfg.data.clip_aligned, crosstalk=self._synthetic_kernel)
 
     # --------------------------------------------------------------- checkpoint
 
@@ -684,8 +695,11 @@ class Trainer:
             last_micro = micro == train.accumulate - 1
             sync = contextlib.nullcontext() if (last_micro or not self.dist.distributed) else self.model.no_sync()
             with sync:
+                model_input = batch["input"]
+                if train.channels_last:
+                    model_input = model_input.contiguous(memory_format=torch.channels_last)
                 with self._autocast():
-                    pred = self.model(batch["input"])
+                    pred = self.model(model_input)
                 total, report = self.loss(pred.float(), batch, step)
                 # backward even when non-finite: every DDP rank must take part; the update is dropped below
                 self.scaler.scale(total / train.accumulate).backward()
