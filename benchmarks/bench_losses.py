@@ -2,7 +2,9 @@
 
 Rows: the full default stack (RAW-L1, crosstalk, VGG-19 perceptual, LPIPS, CIEDE2000, SSIM), the
 same with a half-size render for the sRGB terms, and the stack without the two pretrained
-networks, each against RAW-L1 alone. VGG/LPIPS use RANDOM backbones (allow_random_backbones):
+networks, each against RAW-L1 alone; then the full and half-size stacks with mixed precision
+(train.amp: the model and the frozen VGG/LPIPS under autocast, bf16 on the CPU) against RAW-L1
+with the same mixed precision. VGG/LPIPS use RANDOM backbones (allow_random_backbones):
 the timing is the same as with ImageNet weights, the values are not. Goal: full / RAW-L1 <= 1.6.
 
 Usage: python benchmarks/bench_losses.py [--crop 256] [--batch 1] [--repeats 3]
@@ -83,10 +85,15 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 3, width: int = 32) -> l
         stacks = {kind: LossStack(_config(kind), TOTAL_STEPS, cfa_period=2).to(device)
                   for kind in ("raw_l1", "full", "half", "no_backbones")}
 
-    def step(kind: str) -> Callable[[], None]:
+    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+
+    def step(kind: str, amp: bool = False) -> Callable[[], None]:
         def one() -> None:
             optimizer.zero_grad(set_to_none=True)
-            total, _ = stacks[kind](model(data["input"]), data, STEP)
+            stacks[kind].backbone_dtype = amp_dtype if amp else None
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):  # what train.amp does
+                pred = model(data["input"])
+            total, _ = stacks[kind](pred.float(), data, STEP)
             total.backward()
             optimizer.step()
             if device.type == "cuda":
@@ -94,17 +101,26 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 3, width: int = 32) -> l
         return one
 
     times = {kind: _best_of(step(kind), repeats) for kind in stacks}
+    amp_times = {kind: _best_of(step(kind, amp=True), repeats) for kind in ("raw_l1", "full", "half")}
     shape = f"UNet({width}) batch {batch}, {crop}x{crop} Bayer crop ({size}x{size} packed), {device.type}"
     notes = {
         "full": "default stack (VGG-19 relu3_3+relu4_3, LPIPS-alex, dE00, SSIM, crosstalk, RAW-L1); RANDOM backbones; goal ratio <= 1.6",
         "half": "default stack, sRGB terms on the half-size render (render_demosaic=half); RANDOM backbones",
         "no_backbones": "default stack without VGG/LPIPS (RAW-L1, crosstalk, dE00, SSIM)",
     }
-    return [
+    amp_name = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
+    rows = [
         {"name": f"train step, loss={kind}: {shape}", "ours_s": times[kind], "reference_s": times["raw_l1"],
          "ratio": times[kind] / times["raw_l1"], "note": f"reference: RAW-L1 alone; {notes[kind]}"}
         for kind in ("full", "half", "no_backbones")
     ]
+    rows += [
+        {"name": f"train step, loss={kind}, amp {amp_name}: {shape}", "ours_s": amp_times[kind],
+         "reference_s": amp_times["raw_l1"], "ratio": amp_times[kind] / amp_times["raw_l1"],
+         "note": f"reference: RAW-L1 alone, same amp; {notes[kind]}; model and VGG/LPIPS under autocast (train.amp={amp_name})"}
+        for kind in ("full", "half")
+    ]
+    return rows
 
 
 if __name__ == "__main__":

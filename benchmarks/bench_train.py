@@ -122,8 +122,9 @@ def _train_row(tmp: Path, steps: int = 8) -> dict:
         return statistics.median(times)
 
     full = step_time([])
-    baseline = step_time(["loss.crosstalk.weight=0", "loss.perceptual.weight=0", "loss.lpips.weight=0",
-                          "loss.delta_e00.weight=0", "loss.ssim.weight=0"])
+    baseline = step_time(["loss.raw_l1.weight=1", "loss.robust.weight=0", "loss.crosstalk.weight=0",
+                          "loss.perceptual.weight=0", "loss.lpips.weight=0", "loss.delta_e00.weight=0",
+                          "loss.ssim.weight=0"])
     return {"name": "train step demo.yaml (b4, crop256, w16, full stack)", "ours_s": full,
             "reference_s": baseline, "ratio": full / baseline,
             "note": f"reference: same step with RAW-L1 only (SID baseline); median of {steps} steps, no VGG/LPIPS weights"}

@@ -51,7 +51,11 @@ def test_shipped_experiments_have_expected_values():
     assert demo.data.root == "data/synthetic" and demo.data.camera == "sony"
     assert demo.loss.drop_missing_pretrained and demo.output_dir == "runs/demo"
     assert demo.eval.classical == "wavelet" and demo.train.warmup_iters > 0
-    assert set(demo.loss.active_terms()) == {"raw_l1", "crosstalk", "perceptual", "lpips", "delta_e00", "ssim"}
+    assert set(demo.loss.active_terms()) == {"robust", "crosstalk", "perceptual", "lpips", "delta_e00", "ssim"}
+    assert demo.loss.robust.alpha == 2.0  # RAW-L2 in the demo
+    # the demo's on-the-fly noise sees the crosstalk its test files carry, and the loss assumes the same K
+    assert demo.data.synthetic_noise and demo.data.synthetic_crosstalk == demo.loss.crosstalk_kernel
+    assert demo.train.amp == "auto" and demo.data.gain_jitter > 0
     raw_only = load_config(CONFIGS / "losses" / "raw_l1.yaml")
     assert set(raw_only.loss.active_terms()) == {"raw_l1"}
 

@@ -502,3 +502,22 @@ def test_finite_gradients_at_zero_inputs(empty_hub):
         total, report = stack(pred, batch, step=5)
         total.backward()
         assert math.isfinite(report["total"]) and torch.isfinite(pred.grad).all()
+
+
+def test_backbones_in_bf16_agree_with_float32(empty_hub):
+    config = loss_config(raw_l1=1.0, perceptual=0.02, lpips=0.02)
+    config.allow_random_backbones = True  # random trunks: the precision is what is compared
+    config.perceptual.layers = ["relu1_2", "relu2_2"]
+    stack = LossStack(config, total_steps=10, cfa_period=2)
+    pred, batch = make_batch(shape=(2, 4, 32, 32), seed=5)
+    full, report_full = stack(pred, batch, step=5)
+    stack.backbone_dtype = torch.bfloat16
+    pred_amp = pred.detach().clone().requires_grad_()
+    mixed, report_mixed = stack(pred_amp, batch, step=5)
+    assert mixed.dtype == torch.float32
+    for name in ("perceptual", "lpips"):
+        assert report_mixed[name] == pytest.approx(report_full[name], rel=0.03)
+        assert report_mixed[name] != report_full[name]  # bf16 really ran
+    assert report_mixed["raw_l1"] == report_full["raw_l1"]  # the RAW terms stay in float32
+    mixed.backward()
+    assert torch.isfinite(pred_amp.grad).all() and float(pred_amp.grad.abs().sum()) > 0

@@ -319,3 +319,15 @@ def test_loss_curves_written(tmp_path, data_root):
     end = read_log(tmp_path / "run/log.jsonl")[-1]
     assert end["event"] == "end" and end["reason"] == "done"
     assert json.loads(json.dumps(end))  # plain JSON
+
+
+def test_amp_auto_picks_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    from rawrestore.train.trainer import resolve_amp
+
+    cpu = torch.device("cpu")
+    for explicit in ("off", "bf16", "fp16"):
+        assert resolve_amp(explicit, cpu) == explicit
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert resolve_amp("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert resolve_amp("auto", cpu) == "off"  # emulated bf16 would be slower than float32

@@ -337,7 +337,7 @@ class TrainConfig:
     warmup_iters: int = 0
     step_milestones: list[int] = field(default_factory=list)  # schedule "step": multiply lr by step_gamma
     step_gamma: float = 0.1
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["off", "bf16", "fp16", "auto"] = "off"  # auto: bf16 where native (AVX512-BF16/AMX CPUs, recent GPUs), fp16 on older GPUs, else off
     channels_last: bool = True  # NHWC activations: faster convolutions on CPUs and tensor-core GPUs
     grad_clip: float | None = None  # max global grad norm
     accumulate: int = 1  # micro-batches per optimiser step

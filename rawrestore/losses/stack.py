@@ -151,6 +151,9 @@ class LossStack(nn.Module):
         else:
             raise ConfigError(f"loss.weighting must be one of {sorted(WEIGHTINGS)}, got {config.weighting!r}")
         self.isp = ISP(demosaic=config.render_demosaic, gamma="srgb")
+        # Mixed precision for the frozen VGG/LPIPS backbones (set by the trainer from train.amp):
+        # they dominate the stack's cost and, being frozen feature extractors, lose nothing in bf16.
+        self.backbone_dtype: torch.dtype | None = None
         self.render_count = 0
         self.renders_last_step = 0
 
@@ -193,7 +196,11 @@ class LossStack(nn.Module):
         def run(name: str, *args: Any) -> None:
             module = self._crosstalk_term(cfa, pred.device) if name == "crosstalk" else self.terms[name]
             with torch.set_grad_enabled(torch.is_grad_enabled() and (learnable or weights[name] > 0)):
-                values[name] = module(*args)
+                if self.backbone_dtype is not None and name in _PRETRAINED:
+                    with torch.autocast(pred.device.type, dtype=self.backbone_dtype):
+                        values[name] = module(*args).float()
+                else:
+                    values[name] = module(*args)
 
         for name in self.term_names:
             if self.domains[name] == "raw":

@@ -57,7 +57,7 @@ from rawrestore.train import distributed as dist_utils
 from rawrestore.train.distributed import DistInfo
 
 __all__ = [
-    "Trainer", "FitResult", "TrainingError", "StepBatchSampler", "SeededSamples", "ModelEMA", "lr_factor",
+    "Trainer", "FitResult", "TrainingError", "StepBatchSampler", "SeededSamples", "ModelEMA", "lr_factor", "resolve_amp",
     "write_loss_curves", "read_log", "mix_seed", "build_lpips_or_none", "LOG_NAME", "CURVES_NAME",
 ]
 
@@ -200,6 +200,21 @@ def _worker_init(_: int) -> None:
 
 
 # ------------------------------------------------------------------------ optimisation
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.amp with "auto" resolved: bf16 where the hardware runs it natively, else fp16 (CUDA) or off."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        try:  # oneDNN's own check: AVX512-BF16 or AMX; elsewhere bf16 is emulated and slower than float32
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+        return "bf16" if native else "off"
+    return "off"
 
 
 def lr_factor(step: int, cfg_train: Any) -> float:
@@ -401,7 +416,8 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_dir = ckpt.checkpoint_dir(self.output_dir)
         train = cfg.train
-        if train.amp == "fp16" and self.device.type != "cuda":
+        self.amp = resolve_amp(train.amp, self.device)
+        if self.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("config key 'train.amp' fp16 needs a CUDA GPU (GradScaler); use bf16 or off on the CPU")
 
         random.seed(cfg.seed)
@@ -445,8 +461,9 @@ class Trainer:
         optimizer_cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_cls(groups, lr=train.lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, train))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=train.amp == "fp16")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        self.loss.backbone_dtype = self.autocast_dtype
 
         self.step = 0
         self.nonfinite_in_row = 0
@@ -761,7 +778,8 @@ class Trainer:
         self.info(f"model {self.cfg.model.name}: {self.param_count:,} parameters "
                   f"(in/out {self.cfg.data.in_channels} channels); loss terms: {', '.join(self.loss.term_names)}")
         self.info(f"data: {len(self.train_set)} train pairs, {len(self.val_set) if self.val_set is not None else 0} val; "
-                  f"device {self.device}, {self.dist.world_size} process(es), amp {train.amp}")
+                  f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}"
+                  + (" (auto)" if train.amp == "auto" else ""))
         if self.step >= end:
             self.info(f"train: already at step {self.step} of {end}; nothing to do")
             last = self.ckpt_dir / ckpt.LAST
