@@ -521,3 +521,28 @@ def test_backbones_in_bf16_agree_with_float32(empty_hub):
     assert report_mixed["raw_l1"] == report_full["raw_l1"]  # the RAW terms stay in float32
     mixed.backward()
     assert torch.isfinite(pred_amp.grad).all() and float(pred_amp.grad.abs().sum()) > 0
+
+
+def test_psnr_term_is_minus_the_mean_per_image_psnr_of_scikit_image():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from rawrestore.losses import neg_psnr
+
+    generator = torch.Generator().manual_seed(4)
+    target = torch.rand(3, 3, 16, 16, generator=generator, dtype=torch.float64)
+    noise = torch.tensor([0.01, 0.05, 0.2], dtype=torch.float64).view(3, 1, 1, 1)
+    pred = (target + noise * torch.randn(target.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    reference = [peak_signal_noise_ratio(t.numpy(), p.numpy(), data_range=1.0) for p, t in zip(pred, target)]
+    value = neg_psnr(pred, target)
+    assert value.item() == pytest.approx(-float(np.mean(reference)), abs=5e-4)  # the 1e-8 MSE floor moves it by < 2e-4 dB
+    # each image's gradient is its squared-error gradient scaled by 1/MSE: the clean image is not drowned out
+    pred.requires_grad_()
+    neg_psnr(pred, target).backward()
+    mse = ((pred - target) ** 2).flatten(1).mean(dim=1).detach()
+    for i in range(3):
+        expected = 10 / math.log(10) / 3 * 2 * (pred[i] - target[i]).detach() / (pred[i].numel() * (mse[i] + 1e-8))
+        torch.testing.assert_close(pred.grad[i], expected, rtol=1e-6, atol=1e-9)
+    identical = torch.zeros(1, 3, 8, 8, requires_grad=True)
+    out = neg_psnr(identical, identical.detach())
+    out.backward()
+    assert out.item() == pytest.approx(-80.0) and torch.isfinite(identical.grad).all()

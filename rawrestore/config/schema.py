@@ -282,6 +282,7 @@ class LossConfig:
     lpips: LpipsTermConfig = field(default_factory=lambda: LpipsTermConfig(weight=0.02))
     delta_e00: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.02))
     ssim: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.05))
+    psnr: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))  # minus mean per-image sRGB PSNR, dB
     ms_ssim: MSSSIMTermConfig = field(default_factory=lambda: MSSSIMTermConfig(weight=0.0))
     edge: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
     color_angle: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))

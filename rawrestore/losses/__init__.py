@@ -24,11 +24,13 @@ from rawrestore.losses.srgb import (
     DeltaE00Loss,
     LaplacianEdgeLoss,
     MSSSIMLoss,
+    PSNRLoss,
     SSIMLoss,
     color_angle,
     delta_e00,
     laplacian_edge,
     ms_ssim_loss,
+    neg_psnr,
     ssim_loss,
 )
 from rawrestore.losses.weighting import (
@@ -51,6 +53,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "lpips": LPIPSLoss,
     "delta_e00": DeltaE00Loss,
     "ssim": SSIMLoss,
+    "psnr": PSNRLoss,
     "ms_ssim": MSSSIMLoss,
     "edge": LaplacianEdgeLoss,
     "color_angle": ColorAngleLoss,
@@ -61,9 +64,9 @@ from rawrestore.losses.stack import LossStack  # noqa: E402  (needs LOSSES above
 __all__ = [
     "LOSSES", "WEIGHTINGS", "LossStack",
     "l1", "charbonnier", "robust", "crosstalk_consistency",
-    "perceptual", "lpips_loss", "delta_e00", "ssim_loss", "ms_ssim_loss", "laplacian_edge", "color_angle",
+    "perceptual", "lpips_loss", "delta_e00", "neg_psnr", "ssim_loss", "ms_ssim_loss", "laplacian_edge", "color_angle",
     "scheduled_weight", "uncertainty_weighted", "softmax_weighted",
     "L1Loss", "CharbonnierLoss", "RobustLoss", "CrosstalkConsistencyLoss", "PerceptualLoss", "LPIPSLoss",
-    "DeltaE00Loss", "SSIMLoss", "MSSSIMLoss", "LaplacianEdgeLoss", "ColorAngleLoss",
+    "DeltaE00Loss", "PSNRLoss", "SSIMLoss", "MSSSIMLoss", "LaplacianEdgeLoss", "ColorAngleLoss",
     "FixedWeighting", "UncertaintyWeighting", "SoftmaxWeighting",
 ]

@@ -19,6 +19,7 @@ from rawrestore.errors import InputError
 
 __all__ = [
     "delta_e00",
+    "neg_psnr",
     "ssim_loss",
     "ms_ssim_loss",
     "laplacian",
@@ -28,6 +29,7 @@ __all__ = [
     "MS_SSIM_MIN_SIZE",
     "LAPLACIAN_KERNEL",
     "DeltaE00Loss",
+    "PSNRLoss",
     "SSIMLoss",
     "MSSSIMLoss",
     "LaplacianEdgeLoss",
@@ -62,6 +64,22 @@ def delta_e00(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     _check_renders(pred, target, "delta_e00")
     return delta_e2000(srgb_to_lab(pred), srgb_to_lab(target)).mean()
+
+
+PSNR_FLOOR_MSE = 1e-8  # MSE floor of the PSNR term (80 dB): identical images give a finite value and gradient
+
+
+def neg_psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Minus the mean per-image PSNR. pred, target (B,3,H,W) sRGB in [0,1] -> () dB, 10 log10(MSE_i) averaged.
+
+    The mean of per-image PSNR is what evaluation reports; its gradient weights each image by
+    1 / MSE_i, so clean, easy images count as much as the noisiest ones (a plain squared error
+    is dominated by the noisiest images of the batch). MSE is floored at 1e-8.
+    """
+    _check_renders(pred, target, "neg_psnr")
+    difference = pred - target
+    mse = (difference * difference).flatten(1).mean(dim=1)
+    return (10.0 * torch.log10(mse + PSNR_FLOOR_MSE)).mean()
 
 
 def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -152,6 +170,15 @@ class DeltaE00Loss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return delta_e00(pred, target)
+
+
+class PSNRLoss(nn.Module):
+    """Module form of `neg_psnr` (minus the mean per-image PSNR, dB). (B,3,H,W), (B,3,H,W) -> ()."""
+
+    domain: ClassVar[str] = "srgb"
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return neg_psnr(pred, target)
 
 
 class SSIMLoss(nn.Module):
