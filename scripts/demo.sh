@@ -4,8 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-if [ ! -f data/synthetic/truth.json ]; then
-  rawrestore synth --out data/synthetic --camera sony --scenes 24 --seed 0
+# (re)generate the built-in data when it is missing or was written by an older `rawrestore synth`
+if ! python -c "import json, sys; from rawrestore.data.synth import TRUTH_FORMAT as f; \
+sys.exit(json.load(open('data/synthetic/truth.json')).get('format') != f)" 2>/dev/null; then
+  rawrestore synth --out data/synthetic --camera sony --scenes 24 --seed 0 --force
 fi
 rawrestore train -c configs/demo.yaml --resume auto "$@"   # a rerun continues (or finds it done)
 rawrestore eval -c configs/demo.yaml --checkpoint runs/demo/checkpoints/last.pt --split test --out runs/demo/eval "$@"

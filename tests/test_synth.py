@@ -102,6 +102,7 @@ def test_split_counts_and_photographs_do_not_leak():
 def test_truth_records_photos_by_split(sony):
     out, _ = sony
     truth = json.loads((out / "truth.json").read_text())
+    assert truth["format"] == synth.TRUTH_FORMAT == 2  # scripts/demo.sh regenerates data of another format
     for scene_id, scene in truth["scene"].items():
         split = {"0": "train", "1": "test", "2": "val"}[scene_id[0]]
         assert scene["split"] == split and scene["photo"] in synth.PHOTOS_BY_SPLIT[split]

@@ -87,6 +87,7 @@ PHOTOS_BY_SPLIT: dict[str, tuple[str, ...]] = {
 GREY_PHOTOS = frozenset({"camera", "brick", "grass", "gravel"})  # tinted per scene (duotone)
 DEAD_LEAVES = "dead_leaves"  # procedural content, drawn per scene
 TRUTH_NAME = "truth.json"
+TRUTH_FORMAT = 2  # 2: dead leaves and tinted grey sources in training (1: five colour photographs only)
 DEFAULT_CROSSTALK = "uniform(0.02)"
 EXPOSURE_TARGET = (0.55, 0.9)  # 99.5th percentile of the long exposure, fraction of the range
 MATRIX_JITTER = 0.08  # relative perturbation of each cam_xyz entry per scene
@@ -493,7 +494,7 @@ def generate(
         text = "".join(line + "\n" for line in lists[split])
         (out / f"{spec.folder}_{split}_list.txt").write_text(text, encoding="utf-8")
     truth = {
-        "format": 1,
+        "format": TRUTH_FORMAT,
         "camera": camera,
         "seed": seed,
         "size": size,
@@ -546,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "CAMERA_SPECS", "CameraSpec", "LONG_EXPOSURE_S", "SHORT_EXPOSURES_S", "PHOTOS_BY_SPLIT", "XTRANS_XT2",
+    "CAMERA_SPECS", "CameraSpec", "TRUTH_FORMAT", "LONG_EXPOSURE_S", "SHORT_EXPOSURES_S", "PHOTOS_BY_SPLIT", "XTRANS_XT2",
     "split_counts", "scene_ids", "load_photo", "random_view", "duotone", "dead_leaves", "scene_view", "random_colour", "unprocess", "long_frame",
     "dark_frame", "make_scene", "generate", "configure", "run",
 ]
