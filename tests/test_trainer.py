@@ -16,6 +16,7 @@ import torch
 
 from rawrestore.config import load_config
 from rawrestore.train import checkpoint as ckpt
+from rawrestore.errors import ConfigError
 from rawrestore.train.trainer import StepBatchSampler, Trainer, TrainingError, lr_factor, read_log
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +70,8 @@ def test_resume_is_bit_exact(tmp_path, data_root, variant):
     """6 steps in one go == 3 steps, resume, 3 steps: weights, EMA, optimiser and loss weights bit-identical."""
     overrides = ["train.accumulate=2", "train.ema=0.9"]
     if variant == "noise_uncertainty":
-        overrides += ["data.synthetic_noise=true", "loss.weighting=uncertainty", "loss.ssim.weight=0.05"]
+        overrides += ["data.synthetic_noise=true", "loss.weighting=uncertainty", "loss.ssim.weight=0.05",
+                      "data.gain_jitter=0.5", "data.synthetic_crosstalk=uniform(0.02)", "data.clip_aligned=false"]
     config = write_config(tmp_path, data_root)
     straight = Trainer(load_config(config, overrides + [f"output_dir={tmp_path}/a"]), log=quiet, progress=False)
     assert straight.fit().step == 6
@@ -331,3 +333,10 @@ def test_amp_auto_picks_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
     assert resolve_amp("auto", cpu) == "bf16"
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert resolve_amp("auto", cpu) == "off"  # emulated bf16 would be slower than float32
+
+
+def test_bad_synthetic_crosstalk_names_the_key(tmp_path, data_root):
+    config = write_config(tmp_path, data_root)
+    with pytest.raises(ConfigError, match="data.synthetic_crosstalk"):
+        Trainer(load_config(config, ["data.synthetic_noise=true", "data.synthetic_crosstalk=uniform(oops)"]),
+                log=quiet, progress=False)

@@ -449,7 +449,11 @@ class Trainer:
         if cfg.data.synthetic_noise and cfg.data.synthetic_crosstalk != "identity":
             from rawrestore.physics.crosstalk import build_kernel
 
-            self._synthetic_kernel = build_kernel(cfg.data.synthetic_crosstalk, cfg.data.cfa_period).to(self.device)
+            try:
+                kernel = build_kernel(cfg.data.synthetic_crosstalk, cfg.data.cfa_period)
+            except InputError as error:  # ConfigError included
+                raise ConfigError(f"config key 'data.synthetic_crosstalk': {error}") from None
+            self._synthetic_kernel = kernel.to(self.device)
 
         from rawrestore.losses import LossStack
 
