@@ -369,17 +369,11 @@ def jitter_gains(target: torch.Tensor, cfa: torch.Tensor, amount: float, generat
     spread = math.log1p(amount)
     log_gains = (torch.rand(count, 3, generator=generator, device=target.device, dtype=torch.float64) * 2 - 1) * spread
     gains = log_gains.exp().to(target.dtype)
+    cfa = cfa.to(target.device)
     packed = target.shape[1] != 1
-    out = []
-    for i in range(count):
-        cfa_i = cfa[i].to(target.device)
-        mosaic = isp.cfa.unpack(target[i:i + 1], cfa_i) if packed else target[i:i + 1]
-        period = cfa_i.shape[-1]
-        site_gain = gains[i][cfa_i.long()]  # (P,P) gain per CFA site
-        tiled = site_gain.repeat(mosaic.shape[-2] // period, mosaic.shape[-1] // period)
-        mosaic = (mosaic * tiled).clamp(0.0, 1.0)
-        out.append(isp.cfa.pack(mosaic, cfa_i) if packed else mosaic)
-    return torch.cat(out)
+    mosaic = torch.cat([isp.cfa.unpack(target[i:i + 1], cfa[i]) for i in range(count)]) if packed else target
+    mosaic = isp.ops.white_balance(mosaic, cfa, gains).clamp(0.0, 1.0)  # one gain per colour, at every site of it
+    return torch.cat([isp.cfa.pack(mosaic[i:i + 1], cfa[i]) for i in range(count)]) if packed else mosaic
 
 
 def dataset_base(root: str | os.PathLike, camera: str) -> Path:
