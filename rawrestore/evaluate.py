@@ -40,7 +40,7 @@ from rawrestore.config import ExperimentConfig, load_config
 from rawrestore.errors import ConfigError
 from rawrestore.metrics import METRIC_NAMES, Evaluator, quantize_8bit
 from rawrestore.models import build_model_from_config
-from rawrestore.tiling import tiled_apply
+from rawrestore.ensemble import restore
 
 __all__ = [
     "configure", "run", "evaluate", "classical_denoise", "load_model", "render_packed", "delta_e_map",
@@ -265,7 +265,9 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: str | os
     evaluators = {name: Evaluator(lpips_net=lpips_net, quantize=cfg.eval.quantize_8bit) for name in METHODS}
     notes = [f"checkpoint {checkpoint} (step {step}, {'EMA' if used_ema else 'raw'} weights); split {split}, "
              f"{count} of {len(dataset)} pairs; tile {cfg.eval.tile or 'off'}"
-             + (f", overlap {cfg.eval.overlap}" if cfg.eval.tile else "") + f"; {lpips_note}"]
+             + (f", overlap {cfg.eval.overlap}" if cfg.eval.tile else "")
+             + ("; self-ensemble over the CFA-preserving flips/transposes" if cfg.eval.self_ensemble else "")
+             + f"; {lpips_note}"]
     run_classical = method != "none"
     report_items: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -283,7 +285,8 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: str | os
             notes.append(f"classical reference skipped: frames of {pixels / 1e6:.1f} MP (slow on full SID frames); "
                          f"ask for it with --classical {method}")
         with torch.no_grad():
-            pred = tiled_apply(model, packed_input, cfg.eval.tile, cfg.eval.overlap)
+            pred = restore(model, packed_input, sample["cfa"].to(device), cfg.eval.tile, cfg.eval.overlap,
+                           cfg.eval.self_ensemble, cfg.data.packed)
             renders = {
                 "model": render_packed(renderer, pred, sample, cfg.data.packed, device),
                 "baseline": render_packed(renderer, packed_input, sample, cfg.data.packed, device),

@@ -6,7 +6,8 @@ The exposure ratio is `--ratio`, or the reference exposure (default 10 s, SID's 
 divided by the file's exposure time, capped at data.ratio_cap like training. The input is
 black/white normalised, multiplied by the ratio (clipped to [0, 1] when data.clip_aligned),
 packed, restored tile by tile (`rawrestore.tiling.tiled_apply`, eval.tile / eval.overlap, or
---tile / --overlap), unpacked, and rendered by `isp.ISP` to the PNG. With --dng the restored
+--tile / --overlap; `eval.self_ensemble=true` averages over the CFA-preserving flips and
+transposes, `rawrestore.ensemble`), unpacked, and rendered by `isp.ISP` to the PNG. With --dng the restored
 mosaic goes back to DN with the input's black and white levels and is written by
 `isp.write_dng` with the input's CFA, levels, white balance and colour matrix; its exposure time
 is the reference exposure (input exposure x ratio when --ratio was given).
@@ -31,7 +32,7 @@ from isp.png import write_png
 from rawrestore.config import ExperimentConfig, apply_overrides, from_dict, load_config
 from rawrestore.errors import ConfigError, InputError
 from rawrestore.physics.align import align_exposure, exposure_ratio
-from rawrestore.tiling import tiled_apply
+from rawrestore.ensemble import restore
 
 __all__ = ["configure", "run", "restore_file", "resolve_ratio", "DEFAULT_REFERENCE_EXPOSURE_S", "DEFAULT_TILE"]
 
@@ -110,7 +111,7 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
     del aligned
     tile_size = tile if tile is not None else (cfg.eval.tile or DEFAULT_TILE)
     overlap_size = overlap if overlap is not None else (cfg.eval.overlap if cfg.eval.tile else 32)
-    restored = tiled_apply(model, model_input, tile_size, overlap_size).clamp_(0.0, 1.0)
+    restored = restore(model, model_input, cfa, tile_size, overlap_size, cfg.eval.self_ensemble, cfg.data.packed).clamp_(0.0, 1.0)
     del model_input
     restored_mosaic = isp.cfa.unpack(restored, cfa) if cfg.data.packed else restored
     del restored

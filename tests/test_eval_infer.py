@@ -228,3 +228,41 @@ def test_infer_needs_a_ratio(trained, tmp_path, capsys):
     assert "no exposure time" in error and "--ratio" in error and "\n" not in error
     assert main(["infer", str(no_exif), "--checkpoint", str(checkpoint), "-o", str(png), "--ratio", "100"]) == 0
     assert png.is_file()
+
+
+def test_eval_and_infer_self_ensemble(trained, tmp_path, capsys):
+    """eval.self_ensemble=true scores the CFA-preserving ensemble; infer with the override writes that ensemble."""
+    from rawrestore.data.dataset import build_datasets
+    from rawrestore.ensemble import self_ensemble_apply
+
+    config, checkpoint, root = trained
+    out = tmp_path / "eval"
+    assert main(["eval", "-c", str(config), "eval.self_ensemble=true", "--checkpoint", str(checkpoint), "--out", str(out),
+                 "--classical", "none", "--no-images"]) == 0
+    rows = {r["name"]: r for r in read_csv(out / "per_image.csv")}
+    cfg = load_config(config)
+    model, _, _ = load_model(cfg, checkpoint, torch.device("cpu"))
+    sample = next(s for s in (build_datasets(cfg.data, "test")[i] for i in range(3)) if s["short_name"] == "10001_00_0.1s.dng")
+    render = isp.ISP("bilinear", "srgb")
+
+    def srgb(packed):
+        return functional.quantize_8bit(render(packed, sample["cfa"], sample["wb"], sample["cam_to_srgb"], packed=True))
+
+    with torch.no_grad():
+        ensembled = self_ensemble_apply(model, sample["input"][None], sample["cfa"])
+        single = model(sample["input"][None])
+    target = srgb(sample["target"][None])
+    expected = functional.psnr(srgb(ensembled), target).item()
+    assert float(rows["10001_00_0.1s.dng"]["psnr"]) == pytest.approx(expected, abs=1e-6)
+    assert abs(functional.psnr(srgb(single), target).item() - expected) > 1e-4  # the ensemble changed the answer
+    assert "self-ensemble" in (out / "report.html").read_text()
+
+    source = root / "Sony/short/10001_00_0.1s.dng"
+    png = tmp_path / "ens.png"
+    dng = tmp_path / "ens.dng"
+    assert main(["infer", str(source), "--checkpoint", str(checkpoint), "-o", str(png), "--dng", str(dng), "--tile", "0",
+                 "eval.self_ensemble=true"]) == 0
+    mosaic_out, meta_out = isp.read_raw(dng)
+    restored = isp.cfa.unpack(ensembled.clamp(0, 1), meta_out.cfa_array)
+    expected_dn = torch.round(isp.ops.denormalize(restored, meta_out.black_level, meta_out.white_level))[0, 0].numpy()
+    assert np.abs(mosaic_out.astype(np.float64) - expected_dn).max() <= 1.0

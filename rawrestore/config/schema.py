@@ -119,6 +119,7 @@ class ModelConfig:
     width: int = 32  # channels of the first level (SID U-Net: 32-64-128-256-512)
     width_mult: float = 1.0  # scales `width`, for quick size sweeps
     residual: bool = False  # predict a correction added to the aligned input
+    noise_map: bool = False  # one more input channel: the noise level measured from the input (physics.noise_level)
     nafnet_blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 28])  # encoder, per level
     nafnet_middle_blocks: int = 1
     nafnet_dec_blocks: list[int] | None = None  # None: one block per level
@@ -386,6 +387,7 @@ class EvalConfig:
     classical: Literal["wavelet", "bm3d", "none"] = "wavelet"
     max_images: int | None = None
     quantize_8bit: bool = True  # round sRGB to 8 bits before metrics, as SID's published numbers did
+    self_ensemble: bool = False  # average the model over the CFA-preserving flips/transposes (8x the model time)
 
     def validate(self, key: str = "eval") -> None:
         """Check values: tile >= 0, 0 <= overlap < tile when tiling, max_images >= 1."""

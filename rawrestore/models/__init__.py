@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from rawrestore.errors import ConfigError
+from rawrestore.models.conditioned import NoiseConditioned
 from rawrestore.models.nafnet import NAFBlock, NAFNet
 from rawrestore.models.unet import UNet
 
@@ -23,19 +24,27 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def build_model_from_config(model: ModelConfig, in_channels: int) -> nn.Module:
-    """Build the network a `ModelConfig` describes; in_channels is 4 (packed Bayer) or 9 (X-Trans)."""
+    """Build the network a `ModelConfig` describes; in_channels is 4 (packed Bayer) or 9 (X-Trans).
+
+    With `model.noise_map` the network gets one more input channel, the measured noise level
+    (`NoiseConditioned`), and the residual connection moves to the wrapper.
+    """
+    extra = 1 if model.noise_map else 0
+    residual = model.residual and not model.noise_map
     if model.name == "unet":
-        return build_model(
-            "unet", in_channels=in_channels, base=model.width, width_mult=model.width_mult,
-            residual=model.residual,
+        net = build_model(
+            "unet", in_channels=in_channels + extra, out_channels=in_channels, base=model.width,
+            width_mult=model.width_mult, residual=residual,
         )
-    if model.name == "nafnet":
-        return build_model(
-            "nafnet", in_channels=in_channels, width=round(model.width * model.width_mult),
-            enc_blocks=model.nafnet_blocks, middle_blocks=model.nafnet_middle_blocks,
-            dec_blocks=model.nafnet_dec_blocks, residual=model.residual,
+    elif model.name == "nafnet":
+        net = build_model(
+            "nafnet", in_channels=in_channels + extra, out_channels=in_channels,
+            width=round(model.width * model.width_mult), enc_blocks=model.nafnet_blocks,
+            middle_blocks=model.nafnet_middle_blocks, dec_blocks=model.nafnet_dec_blocks, residual=residual,
         )
-    return build_model(model.name, in_channels=in_channels)
+    else:
+        net = build_model(model.name, in_channels=in_channels + extra, out_channels=in_channels)
+    return NoiseConditioned(net, in_channels, residual=model.residual) if model.noise_map else net
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -44,5 +53,5 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 __all__ = [
-    "MODELS", "UNet", "NAFNet", "NAFBlock", "build_model", "build_model_from_config", "count_parameters",
+    "MODELS", "UNet", "NAFNet", "NAFBlock", "NoiseConditioned", "build_model", "build_model_from_config", "count_parameters",
 ]
