@@ -340,3 +340,24 @@ def test_bad_synthetic_crosstalk_names_the_key(tmp_path, data_root):
     with pytest.raises(ConfigError, match="data.synthetic_crosstalk"):
         Trainer(load_config(config, ["data.synthetic_noise=true", "data.synthetic_crosstalk=uniform(oops)"]),
                 log=quiet, progress=False)
+
+
+def test_synthetic_ratio_draws_the_noise_level(tmp_path, data_root):
+    """data.synthetic_ratio draws a ratio per sample in [lo, hi]; the input's measured shot-noise slope follows it."""
+    from rawrestore.data.dataset import build_datasets
+    from rawrestore.physics.noise_level import estimate_noise_level
+
+    config = write_config(tmp_path, data_root)
+    base = ["data.synthetic_noise=true", "data.crop_size=128", "data.clip_aligned=false"]
+    with pytest.raises(ConfigError, match="data.synthetic_ratio"):
+        load_config(config, base + ["data.synthetic_ratio=[300,50]"])
+    slopes = {}
+    for low, high in ((50, 60), (300, 300), (50, 50)):
+        trainer = Trainer(load_config(config, base + [f"data.synthetic_ratio=[{low},{high}]"]), log=quiet, progress=False)
+        sample = build_datasets(trainer.cfg.data, "train", seed=3)[0]
+        batch = {k: (v[None].repeat(2, *([1] * v.ndim)) if torch.is_tensor(v) else v) for k, v in sample.items()}
+        trainer._synthesize(batch, step=1, micro=0)
+        assert batch["ratio"].shape == (2,) and bool(((batch["ratio"] >= low) & (batch["ratio"] <= high)).all())
+        slopes[(low, high)] = estimate_noise_level(batch["input"])[0]
+    # same seed -> same noise parameters; the slope a = K * ratio / span scales with the ratio
+    assert float((slopes[(300, 300)] / slopes[(50, 50)]).mean()) == pytest.approx(6.0, rel=0.15)

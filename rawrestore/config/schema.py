@@ -68,6 +68,7 @@ class DataConfig:
     noise_camera: str = "SonyA7S2"
     synthetic_crosstalk: str = "identity"  # kernel applied to the clean frame before synthetic noise (as the sensor does)
     gain_jitter: float = 0.0  # with synthetic_noise: R, G, B gains log-uniform in [1/(1+x), 1+x] on the clean frame
+    synthetic_ratio: list[float] | None = None  # with synthetic_noise: [lo, hi], ratio log-uniform per sample (None: the pair's)
     val_crop: int | None = None  # None: validate on whole images
     ratio_cap: float = 300.0  # exposure ratios above this are clamped (SID uses 300)
 
@@ -106,6 +107,9 @@ class DataConfig:
         _require(self.noise_camera != "", f"{key}.noise_camera", "must name a noise profile", self.noise_camera)
         _require(self.ratio_cap >= 1.0, f"{key}.ratio_cap", "must be >= 1", self.ratio_cap)
         _require(0.0 <= self.gain_jitter <= 3.0, f"{key}.gain_jitter", "must be in [0, 3]", self.gain_jitter)
+        if self.synthetic_ratio is not None:
+            _require(len(self.synthetic_ratio) == 2 and 1.0 <= self.synthetic_ratio[0] <= self.synthetic_ratio[1],
+                     f"{key}.synthetic_ratio", "must be [lo, hi] with 1 <= lo <= hi, or null", self.synthetic_ratio)
 
 
 # ---------------------------------------------------------------------------- model

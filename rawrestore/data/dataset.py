@@ -342,7 +342,7 @@ def synthesize_input(
     cfa = batch["cfa"].to(target.device)
     count = target.shape[0]
     packed = target.shape[1] != 1
-    mosaic = torch.cat([isp.cfa.unpack(target[i:i + 1], cfa[i]) for i in range(count)]) if packed else target
+    mosaic = isp.cfa.unpack(target, cfa) if packed else target  # one call when the batch shares a CFA
     if crosstalk is not None:
         mosaic = apply_crosstalk(mosaic, crosstalk.to(mosaic.device))
     params = [sample_noise_params(noise_camera, generator, read_noise=read_noise) for _ in range(count)]
@@ -350,9 +350,7 @@ def synthesize_input(
     dark = synthesize_dark(mosaic, ratio, params, batch["black_level"].to(target.device),
                            batch["white_level"].to(target.device), cfa, generator)
     aligned = align_exposure(dark, ratio, clip=clip)
-    if not packed:
-        return aligned
-    return torch.cat([isp.cfa.pack(aligned[i:i + 1], cfa[i]) for i in range(count)])
+    return isp.cfa.pack(aligned, cfa) if packed else aligned
 
 
 def jitter_gains(target: torch.Tensor, cfa: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -371,9 +369,9 @@ def jitter_gains(target: torch.Tensor, cfa: torch.Tensor, amount: float, generat
     gains = log_gains.exp().to(target.dtype)
     cfa = cfa.to(target.device)
     packed = target.shape[1] != 1
-    mosaic = torch.cat([isp.cfa.unpack(target[i:i + 1], cfa[i]) for i in range(count)]) if packed else target
+    mosaic = isp.cfa.unpack(target, cfa) if packed else target
     mosaic = isp.ops.white_balance(mosaic, cfa, gains).clamp(0.0, 1.0)  # one gain per colour, at every site of it
-    return torch.cat([isp.cfa.pack(mosaic[i:i + 1], cfa[i]) for i in range(count)]) if packed else mosaic
+    return isp.cfa.pack(mosaic, cfa) if packed else mosaic
 
 
 def dataset_base(root: str | os.PathLike, camera: str) -> Path:

@@ -530,6 +530,10 @@ class Trainer:
             from rawrestore.data.dataset import jitter_gains
 
             batch["target"] = jitter_gains(batch["target"], batch["cfa"], self.cfg.data.gain_jitter, generator)
+        if self.cfg.data.synthetic_ratio is not None:
+            low, high = (math.log(v) for v in self.cfg.data.synthetic_ratio)
+            draws = torch.rand(batch["target"].shape[0], generator=generator, device=self.device, dtype=torch.float64)
+            batch["ratio"] = (low + draws * (high - low)).exp().to(batch["ratio"].dtype)
         batch["input"] = synthesize_input(batch, generator=generator, noise_camera=self.cfg.data.noise_camera,
                                           clip=self.cfg.data.clip_aligned, crosstalk=self._synthetic_kernel)
 
