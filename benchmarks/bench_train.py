@@ -2,7 +2,7 @@
 
 Rows:
   1. Restoring one SID Sony-size frame (2832x4240 RAW = 1416x2120 packed) with the demo U-Net
-     (width 16) in 512-pixel tiles with 32-pixel overlap, then rendering it with `isp`
+     (configs/demo.yaml's width) in 512-pixel tiles with 32-pixel overlap, then rendering it with `isp`
      (what `rawrestore eval`/`infer` do per frame). Reference: LibRaw developing the same DNG
      with rawpy's default postprocess (AHD demosaic, 8-bit sRGB), the classical pipeline the
      network replaces; the ratio says how many LibRaw develops one restoration costs.
@@ -91,10 +91,10 @@ def _restore_rows(tmp: Path) -> list[dict]:
     develop_s = min(develop() for _ in range(2))
     note_mem = (f"peak RSS +{rss_tiled - rss0:.0f} MB tiled, then +{rss_whole - rss_tiled:.0f} MB more for the whole frame")
     return [
-        {"name": "restore 12MP frame: U-Net w16, tiles 512/32, + render", "ours_s": tiled_s,
+        {"name": f"restore 12MP frame: U-Net w{cfg.model.width}, tiles 512/32, + render", "ours_s": tiled_s,
          "reference_s": develop_s, "ratio": tiled_s / develop_s,
          "note": "reference: rawpy postprocess (LibRaw AHD, 8-bit sRGB) of the same DNG; seconds per frame"},
-        {"name": "tiled 512/32 vs whole-frame U-Net w16 (+render), 12MP", "ours_s": tiled_s,
+        {"name": f"tiled 512/32 vs whole-frame U-Net w{cfg.model.width} (+render), 12MP", "ours_s": tiled_s,
          "reference_s": whole_s, "ratio": tiled_s / whole_s, "note": note_mem},
     ]
 
@@ -125,7 +125,8 @@ def _train_row(tmp: Path, steps: int = 8) -> dict:
     baseline = step_time(["loss.raw_l1.weight=1", "loss.robust.weight=0", "loss.crosstalk.weight=0",
                           "loss.perceptual.weight=0", "loss.lpips.weight=0", "loss.delta_e00.weight=0",
                           "loss.ssim.weight=0"])
-    return {"name": "train step demo.yaml (b4, crop256, w16, full stack)", "ours_s": full,
+    width = load_config(REPO / "configs/demo.yaml").model.width
+    return {"name": f"train step demo.yaml (b4, crop256, w{width}, full stack)", "ours_s": full,
             "reference_s": baseline, "ratio": full / baseline,
             "note": f"reference: same step with RAW-L1 only (SID baseline); median of {steps} steps, no VGG/LPIPS weights"}
 
