@@ -238,10 +238,12 @@ class PerceptualTermConfig(LossTermConfig):
     layer_weights: list[float] | None = None
     criterion: Literal["l1", "l2"] = "l1"
     weights: str | None = None  # None: torchvision's cache (torch.hub.get_dir()/checkpoints)
+    window: float = 1.0  # side of the render window VGG sees, as a fraction (its place changes every step); 1: all
 
     def validate(self, key: str) -> None:
-        """Check values: at least one layer name of `arch` plus the common term checks."""
+        """Check values: at least one layer name of `arch`, a window in (0, 1], plus the common term checks."""
         super().validate(key)
+        _require(0.0 < self.window <= 1.0, f"{key}.window", "must be in (0, 1]", self.window)
         known = VGG19_LAYERS if self.arch == "vgg19" else VGG16_LAYERS | {f"pool{b}" for b in range(1, 6)}
         _require(len(self.layers) > 0, f"{key}.layers", f"needs at least one {self.arch} layer", self.layers)
         for layer in self.layers:

@@ -4,7 +4,8 @@
       -> RAW terms vs the target (raw_l1, charbonnier, robust), in the domain given
       -> crosstalk consistency on the full-resolution mosaic vs the aligned dark input
       -> render prediction AND target to sRGB once each with one `isp.ISP`
-      -> every sRGB term on those two renders (perceptual, lpips, delta_e00, ssim, ms_ssim, edge, color_angle)
+      -> every sRGB term on those two renders (perceptual, lpips, delta_e00, ssim, ms_ssim, edge, color_angle;
+         the perceptual term on a step-placed window of them when loss.perceptual.window < 1)
       -> weighting (fixed + schedules | uncertainty | softmax) -> total
 
 Only terms that are active (weight non-zero at some point of training) are built and run; an
@@ -36,6 +37,21 @@ _log = logging.getLogger("rawrestore.losses")
 
 BATCH_KEYS = ("target", "input", "cfa", "wb", "cam_to_srgb")  # plus optional "packed"
 _PRETRAINED = ("perceptual", "lpips")
+
+
+def perceptual_window(pred: torch.Tensor, target: torch.Tensor, fraction: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same window of both renders, sides `fraction` of the image's, placed by the step alone. (B,3,H,W) -> (B,3,h,w).
+
+    A function of `step` only, so a resumed run sees the same windows; over many steps every
+    part of the crop is covered (the loss is a spatial mean, so this is its unbiased estimate
+    on windows of that size).
+    """
+    height, width = pred.shape[-2:]
+    h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
+    generator = torch.Generator().manual_seed(int(step))
+    top = int(torch.randint(height - h + 1, (), generator=generator))
+    left = int(torch.randint(width - w + 1, (), generator=generator))
+    return pred[..., top:top + h, left:left + w], target[..., top:top + h, left:left + w]
 
 
 def _build_term(name: str, term: LossTermConfig, allow_random: bool, period: int | None, kernel_spec: str) -> nn.Module | None:
@@ -217,7 +233,10 @@ class LossStack(nn.Module):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
                     target_srgb = self.render(target_mosaic, batch)
                 for name in srgb_terms:
-                    run(name, pred_srgb, target_srgb)
+                    if name == "perceptual" and self.config.perceptual.window < 1.0:
+                        run(name, *perceptual_window(pred_srgb, target_srgb, self.config.perceptual.window, step))
+                    else:
+                        run(name, pred_srgb, target_srgb)
         total = self.weighting({name: values[name] for name in self.term_names}, step)
         numbers = torch.stack([values[name].detach().reshape(()).to(total.dtype) for name in self.term_names] + [total.detach()])
         numbers = numbers.tolist()  # one device sync for the whole report
