@@ -1,8 +1,8 @@
 """Training-step time with the full loss stack vs RAW-L1 alone: SID U-Net, same crop and batch, forward + backward.
 
 Rows: the full default stack (RAW-L1, crosstalk, VGG-19 perceptual, LPIPS, CIEDE2000, SSIM), the
-same with a half-size render for the sRGB terms, that with VGG on a window of half the render's
-side (`loss.perceptual.window: 0.5`), and the stack without the two pretrained
+same with a half-size render for the sRGB terms, that with VGG and LPIPS on a window of half
+the render's side (`loss.backbone_window: 0.5`), and the stack without the two pretrained
 networks, each against RAW-L1 alone; then the full and half-size stacks with mixed precision
 (train.amp: the model and the frozen VGG/LPIPS under autocast, bf16 on the CPU) against RAW-L1
 with the same mixed precision. VGG/LPIPS use RANDOM backbones (allow_random_backbones):
@@ -31,12 +31,12 @@ TOTAL_STEPS = 1000
 
 
 def _config(kind: str) -> LossConfig:
-    """'full' (defaults), 'half' (defaults, half-size render), 'half_window' (+ VGG on a half-side window), 'no_backbones' or 'raw_l1'."""
+    """'full' (defaults), 'half' (defaults, half-size render), 'half_window' (+ VGG/LPIPS on a half-side window), 'no_backbones' or 'raw_l1'."""
     config = LossConfig(allow_random_backbones=True)
     if kind in ("half", "half_window"):
         config.render_demosaic = "half"
     if kind == "half_window":
-        config.perceptual.window = 0.5
+        config.backbone_window = 0.5
     if kind in ("no_backbones", "raw_l1"):
         config.perceptual.weight = config.lpips.weight = 0.0
     if kind == "raw_l1":
@@ -112,7 +112,7 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32) -> l
     notes = {
         "full": "default stack (VGG-19 relu3_3+relu4_3, LPIPS-alex, dE00, SSIM, crosstalk, RAW-L1); RANDOM backbones; goal ratio <= 1.6",
         "half": "default stack, sRGB terms on the half-size render (render_demosaic=half); RANDOM backbones",
-        "half_window": "as half, VGG on a window of half the render's side (loss.perceptual.window=0.5); RANDOM backbones",
+        "half_window": "as half, VGG and LPIPS on a window of half the render's side (loss.backbone_window=0.5); RANDOM backbones",
         "no_backbones": "default stack without VGG/LPIPS (RAW-L1, crosstalk, dE00, SSIM)",
     }
     amp_name = "bf16" if amp_dtype == torch.bfloat16 else "fp16"

@@ -548,31 +548,32 @@ def test_psnr_term_is_minus_the_mean_per_image_psnr_of_scikit_image():
     assert out.item() == pytest.approx(-80.0) and torch.isfinite(identical.grad).all()
 
 
-def test_perceptual_window_is_the_term_on_a_step_placed_window(empty_hub):
-    """loss.perceptual.window < 1: the VGG term equals PerceptualLoss on the same window of both renders, placed by the step."""
-    from rawrestore.losses.stack import perceptual_window
+def test_backbone_window_puts_vgg_and_lpips_on_a_step_placed_window(empty_hub):
+    """loss.backbone_window < 1: VGG and LPIPS see the same window of both renders, placed by the step; the rest all of it."""
+    from rawrestore.config.loader import from_dict
+    from rawrestore.errors import ConfigError
+    from rawrestore.losses.stack import render_window
 
-    config = loss_config(raw_l1=1.0, perceptual=0.02)
+    config = loss_config(raw_l1=1.0, perceptual=0.02, lpips=0.02, ssim=0.05)
     config.allow_random_backbones = True
     config.perceptual.layers = ["relu1_2", "relu2_2"]
-    config.perceptual.window = 0.5
+    config.backbone_window = 0.5
     stack = LossStack(config, total_steps=10, cfa_period=2)
     pred, batch = make_batch(shape=(2, 4, 32, 32), seed=6)
     _, report = stack(pred, batch, step=7)
     pred_srgb = stack.render(unpack(pred, batch["cfa"]), batch)
     target_srgb = stack.render(unpack(batch["target"], batch["cfa"]), batch)
-    a, b = perceptual_window(pred_srgb, target_srgb, 0.5, step=7)
+    a, b = render_window(pred_srgb, target_srgb, 0.5, step=7)
     assert a.shape == b.shape == (2, 3, 32, 32)  # half of the 64x64 renders' sides
-    assert report["perceptual"] == pytest.approx(float(stack.terms["perceptual"](a, b)), rel=1e-6)
+    for name in ("perceptual", "lpips"):
+        assert report[name] == pytest.approx(float(stack.terms[name](a, b)), rel=1e-6)
+    assert report["ssim"] == pytest.approx(float(stack.terms["ssim"](pred_srgb, target_srgb)), rel=1e-6)
     # same window for both renders, fixed by the step (a resumed run sees the same), moving between steps
     x = torch.arange(64.0).view(1, 1, 8, 8).expand(1, 3, 8, 8)
-    first, second = perceptual_window(x, x + 100, 0.5, step=3)
+    first, second = render_window(x, x + 100, 0.5, step=3)
     assert torch.equal(second - first, torch.full_like(first, 100.0))
-    assert torch.equal(perceptual_window(x, x, 0.5, 3)[0], first)
-    corners = {tuple(perceptual_window(x, x, 0.5, step)[0][0, 0, 0, 0:1].tolist()) for step in range(40)}
+    assert torch.equal(render_window(x, x, 0.5, 3)[0], first)
+    corners = {float(render_window(x, x, 0.5, step)[0][0, 0, 0, 0]) for step in range(40)}
     assert len(corners) > 5
-    from rawrestore.config.loader import from_dict
-    from rawrestore.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="loss.perceptual.window"):
-        from_dict({"loss": {"perceptual": {"window": 0.0}}})
+    with pytest.raises(ConfigError, match="loss.backbone_window"):
+        from_dict({"loss": {"backbone_window": 0.0}})

@@ -238,12 +238,10 @@ class PerceptualTermConfig(LossTermConfig):
     layer_weights: list[float] | None = None
     criterion: Literal["l1", "l2"] = "l1"
     weights: str | None = None  # None: torchvision's cache (torch.hub.get_dir()/checkpoints)
-    window: float = 1.0  # side of the render window VGG sees, as a fraction (its place changes every step); 1: all
 
     def validate(self, key: str) -> None:
-        """Check values: at least one layer name of `arch`, a window in (0, 1], plus the common term checks."""
+        """Check values: at least one layer name of `arch` plus the common term checks."""
         super().validate(key)
-        _require(0.0 < self.window <= 1.0, f"{key}.window", "must be in (0, 1]", self.window)
         known = VGG19_LAYERS if self.arch == "vgg19" else VGG16_LAYERS | {f"pool{b}" for b in range(1, 6)}
         _require(len(self.layers) > 0, f"{key}.layers", f"needs at least one {self.arch} layer", self.layers)
         for layer in self.layers:
@@ -296,6 +294,7 @@ class LossConfig:
     weighting: Literal["fixed", "uncertainty", "softmax"] = "fixed"
     crosstalk_kernel: str = "uniform(0.02)"  # "identity" | "uniform(<leak>)" | path to a kernel file
     render_demosaic: Literal["bilinear", "half"] = "bilinear"
+    backbone_window: float = 1.0  # side of the render window VGG and LPIPS see, a fraction (placed anew each step); 1: all
     allow_random_backbones: bool = False  # tests only: VGG/LPIPS without pretrained weights
     drop_missing_pretrained: bool = False  # leave out VGG/LPIPS (one printed line) if weights are missing
 
@@ -319,6 +318,7 @@ class LossConfig:
     def validate(self, key: str = "loss") -> None:
         """Check every term, the crosstalk kernel spelling, and that some term is on."""
         _validate_children(self, key)
+        _require(0.0 < self.backbone_window <= 1.0, f"{key}.backbone_window", "must be in (0, 1]", self.backbone_window)
         kernel = self.crosstalk_kernel.strip()
         _require(kernel != "", f"{key}.crosstalk_kernel", "must be 'identity', 'uniform(x)' or a path", kernel)
         if kernel.startswith("uniform"):

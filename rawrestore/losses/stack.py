@@ -5,7 +5,7 @@
       -> crosstalk consistency on the full-resolution mosaic vs the aligned dark input
       -> render prediction AND target to sRGB once each with one `isp.ISP`
       -> every sRGB term on those two renders (perceptual, lpips, delta_e00, ssim, ms_ssim, edge, color_angle;
-         the perceptual term on a step-placed window of them when loss.perceptual.window < 1)
+         VGG and LPIPS on a step-placed window of them when loss.backbone_window < 1)
       -> weighting (fixed + schedules | uncertainty | softmax) -> total
 
 Only terms that are active (weight non-zero at some point of training) are built and run; an
@@ -39,7 +39,7 @@ BATCH_KEYS = ("target", "input", "cfa", "wb", "cam_to_srgb")  # plus optional "p
 _PRETRAINED = ("perceptual", "lpips")
 
 
-def perceptual_window(pred: torch.Tensor, target: torch.Tensor, fraction: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def render_window(pred: torch.Tensor, target: torch.Tensor, fraction: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same window of both renders, sides `fraction` of the image's, placed by the step alone. (B,3,H,W) -> (B,3,h,w).
 
     A function of `step` only, so a resumed run sees the same windows; over many steps every
@@ -232,9 +232,10 @@ class LossStack(nn.Module):
                 pred_srgb = self.render(pred_mosaic, batch)
                 with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
                     target_srgb = self.render(target_mosaic, batch)
+                window = self.config.backbone_window
                 for name in srgb_terms:
-                    if name == "perceptual" and self.config.perceptual.window < 1.0:
-                        run(name, *perceptual_window(pred_srgb, target_srgb, self.config.perceptual.window, step))
+                    if name in _PRETRAINED and window < 1.0:
+                        run(name, *render_window(pred_srgb, target_srgb, window, step))
                     else:
                         run(name, pred_srgb, target_srgb)
         total = self.weighting({name: values[name] for name in self.term_names}, step)
