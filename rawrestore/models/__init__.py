@@ -42,8 +42,8 @@ def build_model_from_config(model: ModelConfig, in_channels: int) -> nn.Module:
             width=round(model.width * model.width_mult), enc_blocks=model.nafnet_blocks,
             middle_blocks=model.nafnet_middle_blocks, dec_blocks=model.nafnet_dec_blocks, residual=residual,
         )
-    else:
-        net = build_model(model.name, in_channels=in_channels + extra, out_channels=in_channels)
+    else:  # a model registered in MODELS by the user: out_channels only when it must differ from in_channels
+        net = build_model(model.name, in_channels=in_channels + extra, **({"out_channels": in_channels} if extra else {}))
     return NoiseConditioned(net, in_channels, residual=model.residual) if model.noise_map else net
 
 
