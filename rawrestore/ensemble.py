@@ -21,16 +21,9 @@ import torch
 import isp
 from rawrestore.data.dataset import CropOp, cfa_preserving_ops
 from rawrestore.errors import InputError
+from rawrestore.tiling import tiled_apply
 
-__all__ = ["self_ensemble_apply", "invert_op", "restore"]
-
-
-def invert_op(op: CropOp, window: torch.Tensor) -> torch.Tensor:
-    """Undo `op.apply` on the last two dims: the flips first, then the transpose."""
-    dims = [d for d, on in ((-2, op.flip_rows), (-1, op.flip_cols)) if on]
-    if dims:
-        window = window.flip(dims)
-    return window.transpose(-2, -1) if op.transpose else window
+__all__ = ["self_ensemble_apply", "restore"]
 
 
 def _pad_periodic(mosaic: torch.Tensor, period: int) -> torch.Tensor:
@@ -67,7 +60,7 @@ def self_ensemble_apply(
         window = op.apply(padded[..., py:py + height + period, px:px + width + period])
         window_in = isp.cfa.pack(window.contiguous(), cfa) if packed else window.contiguous()
         out = model(window_in)
-        out = invert_op(op, isp.cfa.unpack(out, cfa) if packed else out)
+        out = op.invert(isp.cfa.unpack(out, cfa) if packed else out)
         total += out[..., period - py:period - py + height, period - px:period - px + width].to(total.dtype)
     mean = (total / len(ops)).to(x.dtype)
     return isp.cfa.pack(mean, cfa) if packed else mean
@@ -76,8 +69,6 @@ def self_ensemble_apply(
 def restore(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cfa: torch.Tensor, tile: int, overlap: int,
             self_ensemble: bool = False, packed: bool = True) -> torch.Tensor:
     """The model on a whole frame: tiled (`tile` 0: one pass), optionally self-ensembled. x (1,C,h,w) -> same shape."""
-    from rawrestore.tiling import tiled_apply
-
     def one_pass(frame: torch.Tensor) -> torch.Tensor:
         return tiled_apply(model, frame, tile, overlap)
 

@@ -80,6 +80,13 @@ class CropOp:
         dims = [d for d, on in ((-2, self.flip_rows), (-1, self.flip_cols)) if on]
         return window.flip(dims) if dims else window
 
+    def invert(self, window: torch.Tensor) -> torch.Tensor:
+        """Undo `apply` on the last two dims: the flips first, then the transpose. (..., S, S) -> (..., S, S)."""
+        dims = [d for d, on in ((-2, self.flip_rows), (-1, self.flip_cols)) if on]
+        if dims:
+            window = window.flip(dims)
+        return window.transpose(-2, -1) if self.transpose else window
+
     @property
     def index(self) -> int:
         """0..7: bits transpose (4), flip rows (2), flip cols (1); 0 is the identity."""

@@ -32,7 +32,7 @@ BOX_RESIDUAL_GAIN = 8.0 / 9.0  # Var[x - box3x3(x)] / Var[x] for independent noi
 
 
 def local_mean(packed: torch.Tensor) -> torch.Tensor:
-    """3x3 box mean per channel, reflect-padded. (B,C,h,w) -> (B,C,h,w)."""
+    """3x3 box mean per channel, edge pixels repeated outward. (B,C,h,w) -> (B,C,h,w)."""
     padded = F.pad(packed, (1, 1, 1, 1), mode="replicate")
     return F.avg_pool2d(padded, 3, stride=1)
 
