@@ -5,15 +5,15 @@ import contextlib
 import os
 import struct
 import sys
-import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from .errors import InputError, RawReadError
 from .meta import CameraMeta, validate_cfa
+from .safeio import atomic_output
 
 # Linear sRGB (D65) -> XYZ, the constant LibRaw uses to derive cam_to_srgb from cam_xyz.
 XYZ_FROM_SRGB = np.array(
@@ -207,11 +207,13 @@ def _rationals(values, signed: bool) -> list[list[int]]:
     return out
 
 
-def write_dng(path: str | os.PathLike, mosaic: np.ndarray, meta: CameraMeta) -> CameraMeta:
+def write_dng(path: str | os.PathLike, mosaic: np.ndarray, meta: CameraMeta,
+              inputs: Iterable[str | os.PathLike] = ()) -> CameraMeta:
     """Write a mosaic (H,W) uint16 and its metadata as an uncompressed 16-bit DNG; returns the meta as read back.
 
     The matrix and gains are stored as rationals (1e-6 steps), so the returned meta is what
-    `read_raw` gives for this file; the mosaic round-trips exactly. Written atomically.
+    `read_raw` gives for this file; the mosaic round-trips exactly. Written atomically, to a new path or a
+    regular file that is none of `inputs` (`isp.safeio`).
     """
     from pidng.core import RAW2DNG
     from pidng.defs import CalibrationIlluminant, Orientation, PhotometricInterpretation
@@ -271,14 +273,8 @@ def write_dng(path: str | os.PathLike, mosaic: np.ndarray, meta: CameraMeta) -> 
         tags.set((34855, Type.Short), [int(round(meta.iso))])  # EXIF ISOSpeedRatings
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dng", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path, inputs=inputs, suffix=".dng") as tmp:
         writer = RAW2DNG()
         writer.options(tags, path=str(path.parent), compress=False)
-        writer.convert(np.ascontiguousarray(mosaic), filename=os.path.basename(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        writer.convert(np.ascontiguousarray(mosaic), filename=tmp.name)
     return read_raw(path)[1]

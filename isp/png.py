@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
-from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from .errors import InputError
+from .safeio import write_bytes
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -37,20 +37,10 @@ def to_uint(rgb: np.ndarray, bits: int) -> np.ndarray:
     return np.round(np.clip(rgb, 0, 1) * scale).astype(np.uint8 if bits == 8 else np.uint16)
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, bits: int | None = None) -> None:
-    """Write a PNG atomically (temporary file, then rename). Float input needs `bits`."""
-    path = Path(path)
+def write_png(path: str | os.PathLike, image: np.ndarray, bits: int | None = None,
+              inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Write a PNG atomically to a new path or a regular file that is none of `inputs`. Float input needs `bits`."""
     if image.dtype.kind == "f":
         image = to_uint(image, bits or 8)
     data = encode_png(image)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the PNG ordinary permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(path, data, inputs=inputs)
