@@ -147,14 +147,13 @@ def curve_lut(gamma: str, below: int = 0, above: int = 0) -> torch.Tensor:
 class _Strips:
     """One render: constants shared by the workers, and the output stage of a strip."""
 
-    def __init__(self, mosaic: np.ndarray, strip: int, black_level, white_level, gains, cam_to_srgb, gamma: str,
-                 exposure_ratio: float):
+    def __init__(self, mosaic: np.ndarray, strip: int, black_level, white_level, site_gains, cam_to_srgb, gamma: str,
+                 exposure_ratio: float, black_floor: float):
         self.mosaic = mosaic
         self.strip = strip
         self.strips = itertools.count()  # claimed by the workers in turn (next() is atomic under the GIL)
-        black = np.asarray(black_level, dtype=np.float64)
-        self.black, self.span = black, float(white_level) - black.min()
-        self.gains, self.exposure_ratio = gains, exposure_ratio
+        self.black, self.span = np.asarray(black_level, dtype=np.float64), float(white_level) - black_floor
+        self.site_gains, self.exposure_ratio = site_gains, exposure_ratio
         self.matrix = torch.as_tensor(cam_to_srgb, dtype=torch.float64).reshape(3, 3)
         self.curved = gamma != "linear"
         self.clamp_codes = False
@@ -201,8 +200,7 @@ class _BayerStrips(_Strips):
         plan = _fill_plan(cfa_key)
         self.height, self.width = mosaic.shape[0] // 2, mosaic.shape[1] // 2  # packed (site) grid
         self.strip = min(self.strip, self.height)
-        colours = [cfa_key[site // 2][site % 2] for site in range(4)]
-        scale = np.array([self.gains[c] for c in colours]) * self.exposure_ratio / self.span
+        scale = self.site_gains.reshape(4) * self.exposure_ratio / self.span
         self.site_black = torch.tensor(self.black.reshape(4), dtype=torch.float32).view(4, 1, 1)
         self.site_scale = torch.tensor(scale, dtype=torch.float32).view(4, 1, 1)  # balanced = (DN - black) * scale
 
@@ -292,8 +290,7 @@ class _MosaicStrips(_Strips):
         # above is always at phase period - 1 and one set of maps serves every strip.
         self.masks, self.fill_norm = _strip_maps(cfa_key, self.strip, self.width)
         phase = np.arange(-1, self.strip + 1) % period
-        cfa = np.asarray(cfa_key)
-        scale = np.asarray(self.gains)[cfa] * self.exposure_ratio / self.span
+        scale = self.site_gains * self.exposure_ratio / self.span
         columns = np.arange(self.width) % period
         self.black_map = torch.from_numpy(np.ascontiguousarray(self.black[phase][:, columns], dtype=np.float32))
         self.scale_map = torch.from_numpy(np.ascontiguousarray(scale[phase][:, columns], dtype=np.float32))
@@ -353,9 +350,12 @@ def render_mosaic(
     cam_to_srgb,
     gamma: str = "srgb",
     exposure_ratio: float = 1.0,
+    black_floor: float | None = None,
 ) -> np.ndarray:
     """No-grad CPU render of a CFA mosaic like LibRaw. mosaic (H,W) DN, black per site (P,P) -> float32 (H,W,3) in [0,1].
 
+    `gains` are per colour (3,) or per CFA site (P,P) (LibRaw balances the second Bayer green on
+    its own); `black_floor` is the black LibRaw takes off the white level (default: the smallest).
     The order of `pipeline.render` with bilinear demosaic (gains already LibRaw-scaled by the
     caller): black/white normalisation and white balance with clip, demosaic, colour matrix, clip,
     curve. With 'linear' the values are render's to float rounding. With a curve ('srgb', 'bt709')
@@ -377,7 +377,12 @@ def render_mosaic(
     if np.asarray(black_level).shape != (period, period):
         raise InputError(f"black_level must be per CFA site {(period, period)}, got {np.asarray(black_level).shape}")
     cfa_key = tuple(map(tuple, cfa.tolist()))
-    args = (black_level, white_level, [float(g) for g in gains], cam_to_srgb, gamma, float(exposure_ratio))
+    gains = np.asarray(gains, dtype=np.float64)
+    site_gains = gains[cfa] if gains.shape == (3,) else gains
+    if site_gains.shape != (period, period):
+        raise InputError(f"gains must be per colour (3,) or per CFA site {(period, period)}, got {gains.shape}")
+    floor = float(np.min(black_level)) if black_floor is None else float(black_floor)
+    args = (black_level, white_level, site_gains, cam_to_srgb, gamma, float(exposure_ratio), floor)
     if period == 2 and mosaic.shape[0] % 2 == 0 and mosaic.shape[1] % 2 == 0:
         job: _Strips = _BayerStrips(mosaic, _cfa_key(cfa_key), *args)
     else:

@@ -16,7 +16,7 @@ from .cfa import as_batched_cfa, colour_masks, pack, pack_bayer, pack_xtrans, ti
 from .errors import InputError
 
 __all__ = [
-    "normalize", "denormalize", "white_balance", "libraw_wb_scale", "demosaic_bilinear", "demosaic_half",
+    "normalize", "denormalize", "white_balance", "libraw_wb_scale", "demosaic_bilinear", "demosaic_half", "demosaic_malvar",
     "demosaic", "apply_matrix", "apply_curve", "inverse_curve", "mosaic", "pack", "unpack", "pack_bayer",
     "unpack_bayer", "pack_xtrans", "unpack_xtrans", "libraw_gamma_params",
 ]
@@ -124,13 +124,62 @@ def demosaic_half(mosaic: torch.Tensor, cfa) -> torch.Tensor:
     return torch.einsum("bshw,bsc->bchw", sites, weights)
 
 
+# Malvar, He and Cutler (ICASSP 2004), gradient-corrected bilinear interpolation: 5x5 kernels (x1/8).
+# Sources: 0 measured value, 1 green at a red/blue site, 2 and 3 red/blue at a green site whose
+# row (2) or column (3) holds that colour, 4 red at blue / blue at red.
+_MALVAR_KERNELS = (
+    ((0, 0, 0, 0, 0), (0, 0, 0, 0, 0), (0, 0, 8, 0, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0)),
+    ((0, 0, -1, 0, 0), (0, 0, 2, 0, 0), (-1, 2, 4, 2, -1), (0, 0, 2, 0, 0), (0, 0, -1, 0, 0)),
+    ((0, 0, 0.5, 0, 0), (0, -1, 0, -1, 0), (-1, 4, 5, 4, -1), (0, -1, 0, -1, 0), (0, 0, 0.5, 0, 0)),
+    ((0, 0, -1, 0, 0), (0, -1, 4, -1, 0), (0.5, 0, 5, 0, 0.5), (0, -1, 4, -1, 0), (0, 0, -1, 0, 0)),
+    ((0, 0, -1.5, 0, 0), (0, 2, 0, 2, 0), (-1.5, 0, 6, 0, -1.5), (0, 2, 0, 2, 0), (0, 0, -1.5, 0, 0)),
+)
+
+
+def _malvar_source(cfa: list[list[int]], row: int, col: int, colour: int) -> int:
+    """Which Malvar kernel gives `colour` at Bayer site (row, col)."""
+    here = cfa[row][col]
+    if here == colour:
+        return 0
+    if colour == 1:
+        return 1
+    if here != 1:
+        return 4
+    return 2 if cfa[row][1 - col] == colour else 3
+
+
+def demosaic_malvar(mosaic: torch.Tensor, cfa) -> torch.Tensor:
+    """Malvar-He-Cutler demosaic, Bayer. mosaic (B,1,H,W) linear, H and W even -> (B,3,H,W) linear camera RGB.
+
+    Each missing colour is the bilinear estimate corrected by the Laplacian of the measured colour
+    (5x5 kernels of the paper). The image is mirror-padded by 2 ('reflect'); values can leave [0,1]
+    at edges (no clip here: the pipeline clips after the colour matrix). Differentiable.
+    """
+    batch, _, height, width = mosaic.shape
+    cfa = as_batched_cfa(cfa, batch, mosaic.device)
+    if cfa.shape[-1] != 2 or height % 2 or width % 2 or min(height, width) < 4:
+        raise InputError(f"malvar demosaic needs a Bayer CFA and even H, W >= 4, got CFA {tuple(cfa.shape[-2:])}, "
+                         f"image {(height, width)}; use bilinear")
+    kernels = torch.tensor(_MALVAR_KERNELS, dtype=mosaic.dtype, device=mosaic.device).unsqueeze(1) / 8
+    sources = F.conv2d(F.pad(mosaic, (2, 2, 2, 2), mode="reflect"), kernels)  # (B,5,H,W)
+    choice = torch.zeros(batch, 3, 5, 4, dtype=mosaic.dtype, device=mosaic.device)
+    for b, pattern in enumerate(cfa.tolist()):
+        for site in range(4):
+            for colour in range(3):
+                choice[b, colour, _malvar_source(pattern, site // 2, site % 2, colour), site] = 1
+    sites = F.pixel_unshuffle(sources, 2).view(batch, 5, 4, height // 2, width // 2)
+    picked = torch.einsum("bksyx,bcks->bcsyx", sites, choice).reshape(batch, 12, height // 2, width // 2)
+    return F.pixel_shuffle(picked, 2)
+
+
+DEMOSAIC_METHODS = {"bilinear": demosaic_bilinear, "malvar": demosaic_malvar, "half": demosaic_half}
+
+
 def demosaic(mosaic: torch.Tensor, cfa, method: str = "bilinear") -> torch.Tensor:
-    """Dispatch: 'bilinear' (full size) or 'half'. (B,1,H,W) -> (B,3,H',W')."""
-    if method == "bilinear":
-        return demosaic_bilinear(mosaic, cfa)
-    if method == "half":
-        return demosaic_half(mosaic, cfa)
-    raise InputError(f"unknown demosaic '{method}'; use 'bilinear' or 'half'")
+    """Dispatch on `DEMOSAIC_METHODS`: 'bilinear' (LibRaw LINEAR), 'malvar' (Bayer) or 'half'. (B,1,H,W) -> (B,3,H',W')."""
+    if method not in DEMOSAIC_METHODS:
+        raise InputError(f"unknown demosaic '{method}'; use one of {sorted(DEMOSAIC_METHODS)}")
+    return DEMOSAIC_METHODS[method](mosaic, cfa)
 
 
 def mosaic(rgb: torch.Tensor, cfa) -> torch.Tensor:
@@ -165,6 +214,7 @@ def libraw_gamma_params(power: float, toe_slope: float) -> tuple[float, float, f
 
 
 _CURVES = {"srgb": (2.4, 12.92), "bt709": (2.222, 4.5)}
+GAMMAS = ("srgb", "bt709", "linear")
 
 
 def apply_curve(rgb: torch.Tensor, gamma: str = "srgb") -> torch.Tensor:

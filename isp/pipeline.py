@@ -10,12 +10,12 @@ from torch import nn
 
 from . import fast, ops
 from .cfa import as_batched_cfa, bayer_site_order, unpack
+from .develop import DEMOSAICS, check_exposure_ratio, render_raw
 from .errors import InputError
-from .io import read_raw
 from .meta import CameraMeta
+from .rawfile import open_raw, parse_wb
 
-DEMOSAICS = ("bilinear", "half")
-GAMMAS = ("srgb", "bt709", "linear")
+GAMMAS = ops.GAMMAS
 
 
 def render(
@@ -104,13 +104,7 @@ def select_wb(meta: CameraMeta, wb: str | tuple[float, float, float]) -> list[fl
             return list(meta.wb_daylight)
         if wb == "none":
             return [1.0, 1.0, 1.0]
-        try:
-            values = [float(v) for v in wb.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != 3:
-            raise InputError(f"white balance '{wb}' is not camera, daylight, none or R,G,B")
-        wb = tuple(values)
+        wb = parse_wb(wb)
     if len(wb) != 3 or not all(np.isfinite(v) and v > 0 for v in wb):
         raise InputError(f"white balance multipliers must be three positive numbers, got {wb}")
     return [float(v) for v in wb]
@@ -136,24 +130,16 @@ def render_file(
     demosaic: str = "bilinear",
     device: str = "cpu",
     exposure_ratio: float = 1.0,
+    half_size: bool = False,
+    flip: bool = True,
 ) -> np.ndarray:
-    """Render a RAW file like LibRaw's postprocess. -> float32 (H, W, 3) numpy in [0, 1]."""
-    mosaic, meta = read_raw(path)
-    if not (np.isfinite(exposure_ratio) and exposure_ratio > 0):
-        raise InputError(f"exposure ratio must be a positive number, got {exposure_ratio}")
+    """Render a camera file like rawpy's postprocess. -> float32 (H, W, 3) numpy in [0, 1] ((H, W, 1) if monochrome).
+
+    Any layout LibRaw reads (CFA, full-colour, monochrome), white balance chosen as LibRaw does
+    ('camera' falls back to its automatic white balance; 'auto', 'daylight', 'none', (r, g, b)),
+    the file's orientation applied unless `flip=False`. See `isp.develop.render_raw`.
+    """
+    check_exposure_ratio(exposure_ratio)
     dev = resolve_device(device)
-    period = meta.cfa_period
-    gains = select_wb(meta, wb)
-    if demosaic == "bilinear" and dev.type == "cpu" and gamma in GAMMAS:
-        scaled = [g / min(gains) for g in gains]  # LibRaw's multiplier scaling, as render(libraw_wb=True)
-        return fast.render_mosaic(mosaic, meta.cfa, meta.black_level, meta.white_level, scaled, meta.cam_to_srgb,
-                                  gamma=gamma, exposure_ratio=exposure_ratio)
-    if demosaic == "half":
-        h, w = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
-        mosaic = mosaic[:h, :w]
-    with torch.no_grad():
-        x = torch.from_numpy(mosaic.astype(np.float32)).to(dev)[None, None]
-        x = ops.normalize(x, meta.black_level, meta.white_level) * exposure_ratio
-        t = meta.render_tensors(dev)
-        out = ISP(demosaic, gamma)(x, t["cfa"], torch.tensor(gains, device=dev), t["cam_to_srgb"])
-    return out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
+    return render_raw(open_raw(path), wb=wb, gamma=gamma, demosaic=demosaic, device=dev, exposure_ratio=exposure_ratio,
+                      half_size=half_size, flip=flip)

@@ -1,6 +1,8 @@
 """Small synthetic RAW files for tests: written with pidng through isp.write_dng."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from isp.meta import CameraMeta
@@ -39,3 +41,54 @@ def smooth_mosaic(meta: CameraMeta, seed: int = 0, noise_dn: float = 40.0, fill:
     span = meta.white_level - black.min()
     dn = black + img * span * fill + rng.normal(0, noise_dn, (h, w))
     return np.clip(np.round(dn), 0, meta.white_level).astype(np.uint16)
+
+
+def write_test_dng(path, data: np.ndarray, *, cfa=None, black=0, white=65535, as_shot_neutral=(0.5, 1.0, 0.625),
+                   color_matrix=((0.9, -0.25, -0.1), (-0.35, 1.2, 0.1), (-0.05, 0.15, 0.65)), orientation: int = 1,
+                   make: str | None = "Test", model: str | None = "Synthetic", unique_model: str | None = None):
+    """Write a 16-bit uncompressed DNG with pidng, tags optional: the cases `isp.write_dng` never writes.
+
+    data (H,W) with `cfa` (2,2)/(6,6) -> CFA DNG; (H,W) without `cfa` -> monochrome LinearRaw;
+    (H,W,3) -> LinearRaw (already demosaiced). `as_shot_neutral`/`color_matrix` None -> tag left out;
+    any values (negative, zero) are written as given. `black` is one value or one per sample.
+    """
+    from pidng.core import RAW2DNG
+    from pidng.defs import CalibrationIlluminant, PhotometricInterpretation
+    from pidng.dng import DNGTags, Tag
+
+    data = np.ascontiguousarray(data, dtype=np.uint16)
+    height, width = data.shape[:2]
+    samples = 1 if data.ndim == 2 else data.shape[2]
+    tags = DNGTags()
+    for tag, value in ((Tag.ImageWidth, width), (Tag.ImageLength, height), (Tag.TileWidth, width), (Tag.TileLength, height),
+                       (Tag.Orientation, orientation), (Tag.SamplesPerPixel, samples), (Tag.BitsPerSample, [16] * samples),
+                       (Tag.WhiteLevel, [int(white)] * samples)):
+        tags.set(tag, value)
+    if cfa is not None:
+        cfa = np.asarray(cfa)
+        tags.set(Tag.PhotometricInterpretation, PhotometricInterpretation.Color_Filter_Array)
+        tags.set(Tag.CFARepeatPatternDim, list(cfa.shape))
+        tags.set(Tag.CFAPattern, [int(v) for v in cfa.ravel()])
+        tags.set(Tag.CFAPlaneColor, [0, 1, 2])
+        tags.set(Tag.CFALayout, 1)
+    else:
+        tags.set(Tag.PhotometricInterpretation, PhotometricInterpretation.Linear_Raw)
+    black = np.atleast_1d(np.asarray(black, dtype=np.int64))
+    tags.set(Tag.BlackLevel, [int(v) for v in black])
+    if black.size > 1 and cfa is None:
+        tags.set(Tag.BlackLevelRepeatDim, [1, 1])
+    if color_matrix is not None:
+        tags.set(Tag.ColorMatrix1, [[int(round(v * 10000)), 10000] for v in np.ravel(color_matrix)])
+        tags.set(Tag.CalibrationIlluminant1, CalibrationIlluminant.D65)
+    if as_shot_neutral is not None:
+        tags.set(Tag.AsShotNeutral, [[int(round(v * 10000)), 10000] for v in as_shot_neutral])
+    if make is not None:
+        tags.set(Tag.Make, make)
+    if model is not None:
+        tags.set(Tag.Model, model)
+    if unique_model is not None:
+        tags.set(Tag.UniqueCameraModel, unique_model)
+    writer = RAW2DNG()
+    writer.options(tags, path=str(Path(path).parent), compress=False)
+    writer.convert(data, filename=Path(path).name)
+    return Path(path)
