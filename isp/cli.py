@@ -1,4 +1,4 @@
-"""The `isp` command: render RAW files to PNG like LibRaw, print their metadata."""
+"""The `isp` command: render camera files to PNG, TIFF or JPEG like LibRaw, print their metadata."""
 from __future__ import annotations
 
 import argparse
@@ -9,52 +9,41 @@ from pathlib import Path
 
 import numpy as np
 
+from .develop import MAX_EXPOSURE_RATIO
 from .errors import InputError
-from .png import write_png
-
-
-def _outputs(inputs: list[str], out: str) -> list[Path]:
-    out_path = Path(out)
-    if len(inputs) == 1 and not out_path.is_dir() and out_path.suffix.lower() == ".png":
-        targets = [out_path]
-    else:
-        if out_path.exists() and not out_path.is_dir():
-            raise InputError(f"-o {out}: several inputs need an output folder, not a file")
-        targets = [out_path / (Path(p).stem + ".png") for p in inputs]
-    folder = targets[0].parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder {folder}: {exc.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"output folder {folder} is not writable; choose another -o")
-    return targets
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from .outputs import check_bits, format_of, plan_outputs, write_image
+    from .rawfile import WB_CHOICES, parse_wb
 
-    from .pipeline import render_file, resolve_device, select_wb
-
-    resolve_device(args.device)
-    if args.wb not in ("camera", "daylight", "none"):
-        select_wb(None, args.wb)  # validates R,G,B before any work
+    wb = args.wb if args.wb in WB_CHOICES else parse_wb(args.wb)  # checked before any work
     for path in args.inputs:
         if not Path(path).is_file():
             raise InputError(f"{path}: no such file")
-    targets = _outputs(args.inputs, args.output)
+    targets = plan_outputs(args.inputs, args.output, args.format)
+    for target in targets:
+        check_bits(format_of(target), args.bits)
+
+    from tqdm import tqdm
+
+    from .pipeline import render_file, resolve_device
+
+    device = resolve_device(args.device)
     failures = 0
     bar = tqdm(list(zip(args.inputs, targets)), disable=len(args.inputs) < 2, unit="file", desc="render")
     for src, dst in bar:
         try:
-            rgb = render_file(src, wb=args.wb, gamma=args.gamma, demosaic=args.demosaic, device=args.device, exposure_ratio=args.exposure_ratio)
-        except InputError as exc:
+            image = render_file(src, wb=wb, gamma=args.gamma, demosaic=args.demosaic, device=device,
+                                exposure_ratio=args.exposure_ratio, half_size=args.half_size, flip=not args.no_flip,
+                                warn=lambda line: tqdm.write(line, file=sys.stderr))
+        except InputError as exc:  # this input cannot be read: the others still render
             if len(args.inputs) == 1:
                 raise
             failures += 1
             tqdm.write(f"isp: error: {exc}", file=sys.stderr)
             continue
-        write_png(dst, rgb, args.bits)
+        write_image(dst, image, args.bits, inputs=args.inputs)  # a write failure (disk full) stops the batch
     if failures:
         print(f"isp: {failures} of {len(args.inputs)} files failed", file=sys.stderr)
         return 2
@@ -62,24 +51,34 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .io import read_raw
+    from .rawfile import libraw_multipliers, open_raw
 
-    mosaic, meta = read_raw(args.input)
+    raw = open_raw(args.input)
+    gains, source = libraw_multipliers(raw, "camera")
+    height, width = raw.data.shape[:2]
     info = {
-        "make": meta.make,
-        "model": meta.model,
-        "width": meta.width,
-        "height": meta.height,
-        "cfa": meta.cfa_string() if meta.cfa_period == 2 else meta.cfa,
-        "black_level": meta.black_level,
-        "white_level": meta.white_level,
-        "wb_as_shot": meta.wb_as_shot,
-        "wb_daylight": meta.wb_daylight,
-        "cam_to_srgb": meta.cam_to_srgb,
+        "make": raw.make,
+        "model": raw.model,
+        "layout": {"cfa": "colour filter array", "stack": "full colour (already demosaiced)", "mono": "monochrome"}[raw.layout],
+        "width": width,
+        "height": height,
+        "flip": raw.flip,
+        "cfa": None if raw.cfa is None else (
+            "".join("RGB"[c] for c in raw.cfa.ravel()) if raw.cfa.shape[0] == 2 else raw.cfa.tolist()),
+        "black_level": raw.black.tolist(),
+        "white_level": raw.white,
+        "wb_as_shot": [round(float(v), 6) for v in gains[:3] / gains[1]],
+        "wb_source": source,
+        "wb_camera_in_file": [round(float(v), 6) for v in raw.cam_mul],
+        "wb_daylight": [round(float(v), 6) for v in raw.pre_mul[:3] / raw.pre_mul[1]] if raw.pre_mul[1] > 0 else None,
+        "cam_to_srgb": None if raw.cam_to_srgb is None else raw.cam_to_srgb.tolist(),
+        "matrix_source": raw.matrix_source,
     }
+    if raw.unique_model:
+        info["unique_camera_model"] = raw.unique_model
     for key in ("exposure_time", "iso", "fnumber"):
-        if getattr(meta, key) is not None:
-            info[key] = getattr(meta, key)
+        if getattr(raw, key) is not None:
+            info[key] = getattr(raw, key)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -89,24 +88,37 @@ def _ratio(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"exposure ratio must be positive, got {text}")
+    if not (np.isfinite(value) and 0 < value <= MAX_EXPOSURE_RATIO):
+        raise argparse.ArgumentTypeError(f"exposure ratio must be positive and at most {MAX_EXPOSURE_RATIO:g}, got {text}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (what is wrong; `-h` shows the usage), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="isp", description="Render camera RAW files like LibRaw, differentiably, in PyTorch.")
+    parser = _Parser(prog="isp", description="Render camera RAW files like LibRaw, differentiably, in PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    render = sub.add_parser("render", help="render RAW files to PNG")
+    render = sub.add_parser("render", help="render RAW files to PNG, TIFF or JPEG like LibRaw")
     render.add_argument("inputs", nargs="+", metavar="INPUT")
-    render.add_argument("-o", "--output", required=True, help="PNG file (one input) or folder")
-    render.add_argument("--wb", default="camera", help="camera | daylight | none | R,G,B (default camera)")
+    render.add_argument("-o", "--output", required=True,
+                        help="image file (.png .tif .tiff .jpg .jpeg; one input) or folder (<stem>.<format> per input)")
+    render.add_argument("--format", choices=["png", "tiff", "jpeg"], help="file format in an output folder (default png)")
+    render.add_argument("--wb", default="camera",
+                        help="camera (LibRaw's auto when the file has none) | auto | daylight | none | R,G,B (default camera)")
     render.add_argument("--gamma", default="srgb", choices=["srgb", "bt709", "linear"])
-    render.add_argument("--demosaic", default="bilinear", choices=["bilinear", "half"])
-    render.add_argument("--bits", type=int, default=8, choices=[8, 16])
+    render.add_argument("--demosaic", default="bilinear", choices=["bilinear", "malvar", "half"],
+                        help="bilinear = LibRaw LINEAR; malvar = Malvar-He-Cutler (Bayer); half = --half-size")
+    render.add_argument("--half-size", action="store_true", help="one pixel per 2x2 block, as rawpy's half_size=True")
+    render.add_argument("--no-flip", action="store_true", help="keep sensor orientation (default: the file's, as rawpy)")
+    render.add_argument("--bits", type=int, choices=[8, 16], help="PNG 8 (default) or 16, TIFF 16 (default) or 8, JPEG 8")
     render.add_argument("--exposure-ratio", type=_ratio, default=1.0, help="multiply the normalised RAW (brighten a dark frame)")
-    render.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
+    render.add_argument("--device", default="auto", help="auto (default: cuda if present) | cpu | cuda | cuda:N")
     render.set_defaults(func=cmd_render)
     info = sub.add_parser("info", help="print a RAW file's metadata as JSON")
     info.add_argument("input")

@@ -132,6 +132,7 @@ def render_file(
     exposure_ratio: float = 1.0,
     half_size: bool = False,
     flip: bool = True,
+    warn=None,
 ) -> np.ndarray:
     """Render a camera file like rawpy's postprocess. -> float32 (H, W, 3) numpy in [0, 1] ((H, W, 1) if monochrome).
 
@@ -142,4 +143,4 @@ def render_file(
     check_exposure_ratio(exposure_ratio)
     dev = resolve_device(device)
     return render_raw(open_raw(path), wb=wb, gamma=gamma, demosaic=demosaic, device=dev, exposure_ratio=exposure_ratio,
-                      half_size=half_size, flip=flip)
+                      half_size=half_size, flip=flip, warn=warn)

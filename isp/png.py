@@ -16,8 +16,16 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """(H,W,3) or (H,W) uint8/uint16 -> PNG bytes (no filtering, zlib level 6)."""
+# sRGB chunk (rendering intent 0, perceptual) with the gAMA and cHRM values the PNG spec pairs with it.
+_SRGB_CHUNKS = (
+    (b"sRGB", b"\x00"),
+    (b"gAMA", struct.pack(">I", 45455)),
+    (b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000)),
+)
+
+
+def encode_png(image: np.ndarray, srgb: bool = True) -> bytes:
+    """(H,W,3) or (H,W) uint8/uint16 -> PNG bytes (no filtering, zlib level 6), tagged sRGB unless `srgb=False`."""
     if image.dtype not in (np.uint8, np.uint16) or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise InputError(f"PNG needs (H,W) or (H,W,3) uint8/uint16, got {image.dtype} {image.shape}")
     height, width = image.shape[:2]
@@ -26,7 +34,9 @@ def encode_png(image: np.ndarray) -> bytes:
     rows = np.ascontiguousarray(image.astype(">u2") if depth == 16 else image).reshape(height, -1).view(np.uint8)
     raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()
     header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")
+    tags = b"".join(_chunk(kind, data) for kind, data in _SRGB_CHUNKS) if srgb else b""
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + tags + _chunk(b"IDAT", zlib.compress(raw, 6))
+            + _chunk(b"IEND", b""))
 
 
 def to_uint(rgb: np.ndarray, bits: int) -> np.ndarray:

@@ -45,7 +45,7 @@ def check_output(path: PathLike, inputs: Iterable[PathLike] = (), what: str = "o
     path = Path(path)
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a new path (its folder may still have to be made)
         info = None
     except OSError as exc:
         raise InputError(f"{what} {path}: cannot be checked ({exc.strerror}); choose another path") from None

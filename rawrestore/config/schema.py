@@ -293,7 +293,7 @@ class LossConfig:
     color_angle: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
     weighting: Literal["fixed", "uncertainty", "softmax"] = "fixed"
     crosstalk_kernel: str = "uniform(0.02)"  # "identity" | "uniform(<leak>)" | path to a kernel file
-    render_demosaic: Literal["bilinear", "half"] = "bilinear"
+    render_demosaic: Literal["bilinear", "malvar", "half"] = "bilinear"
     backbone_window: float = 1.0  # side of the render window VGG and LPIPS see, a fraction (placed anew each step); 1: all
     allow_random_backbones: bool = False  # tests only: VGG/LPIPS without pretrained weights
     drop_missing_pretrained: bool = False  # leave out VGG/LPIPS (one printed line) if weights are missing
