@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .develop import MAX_EXPOSURE_RATIO
 from .errors import InputError
 
 
@@ -84,6 +83,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _ratio(text: str) -> float:
+    from .develop import MAX_EXPOSURE_RATIO
+
     try:
         value = float(text)
     except ValueError:

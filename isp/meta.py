@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 COLOUR_NAMES = "RGB"  # colour index 0, 1, 2 of a CFA site
 
@@ -76,8 +78,11 @@ class CameraMeta:
     def from_json(cls, text: str) -> "CameraMeta":
         return cls.from_dict(json.loads(text))
 
-    def render_tensors(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """What rendering needs, as unbatched tensors: cfa (P,P) long, wb (3,), cam_to_srgb (3,3)."""
+    def render_tensors(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """What rendering needs, as unbatched tensors: cfa (P,P) long, wb (3,), cam_to_srgb (3,3) (dtype default float32)."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         return {
             "cfa": torch.as_tensor(self.cfa_array, device=device),
             "wb": torch.tensor(self.wb_as_shot, dtype=dtype, device=device),

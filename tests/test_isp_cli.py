@@ -80,3 +80,11 @@ def test_bad_exposure_ratio_is_rejected_by_the_parser(dng, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "isp", "render", str(dng), "-o", str(tmp_path / "o.png"), "--exposure-ratio", "-3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "positive" in proc.stderr
+
+
+def test_info_starts_without_torch(dng):
+    """`isp info` reads metadata with rawpy alone: importing torch would cost more than the read itself."""
+    code = f"import sys; from isp.cli import main; main(['info', {str(dng)!r}]); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False"
+    assert json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])["cfa"] == "GBRG"

@@ -164,3 +164,20 @@ def test_linear_phone_dng_matches_libraw():
     raw = open_raw(path)
     assert raw.layout == "stack" and raw.make and raw.model
     assert interior_psnr(isp.render_file(path), rawpy_render(path)) >= 50
+
+
+def test_info_reports_wb_and_matrix_sources(tmp_path, mosaic, capsys):
+    import json
+
+    from isp.cli import main
+
+    path = cfa_dng(tmp_path, mosaic, as_shot_neutral=None, color_matrix=None, make=None, model=None, unique_model="Acme Z 9")
+    assert main(["info", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    gains, _ = libraw_multipliers(open_raw(path), "auto")
+    assert info["wb_source"].startswith("auto") and np.allclose(info["wb_as_shot"], gains[:3] / gains[1], atol=1e-6)
+    assert info["cam_to_srgb"] is None and info["matrix_source"].startswith("none")
+    assert (info["make"], info["model"], info["layout"]) == ("Acme", "Z 9", "colour filter array")
+    assert main(["info", str(REALRAW / "lg_g4_sample_1mp.dng")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"].startswith("full colour") and info["make"] and info["model"] and info["wb_source"] == "camera"
