@@ -53,6 +53,8 @@ def render_raw(
         raise InputError(f"unknown gamma '{gamma}'; use one of {ops.GAMMAS}")
     half_size = half_size or demosaic == "half"
     device = torch.device(device)
+    stretch = abs(raw.pixel_aspect - 1.0) > 1e-6 and math.isfinite(raw.pixel_aspect) and raw.pixel_aspect > 0
+    final_gamma, gamma = gamma, ("linear" if stretch else gamma)  # LibRaw stretches 16-bit linear values, then curves
     gains, _ = libraw_multipliers(raw, wb)
     if raw.cam_to_srgb is None and raw.layout != "mono":
         (warn or _stderr)(f"isp: warning: {raw.path}: no colour matrix; output is raw camera colour, as LibRaw's")
@@ -67,7 +69,27 @@ def render_raw(
         image = _render_cfa_torch(raw, gains, matrix, gamma, demosaic, device, exposure_ratio)
     else:
         image = _render_planes(raw, gains, matrix, gamma, exposure_ratio)
+    if stretch:
+        image = libraw_stretch(image, raw.pixel_aspect, final_gamma)
     return np.ascontiguousarray(apply_flip(image, raw.flip)) if flip else image
+
+
+def libraw_stretch(linear: np.ndarray, pixel_aspect: float, gamma: str) -> np.ndarray:
+    """Stretch to square pixels as rawpy's LibRaw does, then the curve. linear (H,W,C) in [0,1] -> (H',W',C) float32.
+
+    Aspect < 1 gives height / aspect rows, > 1 width * aspect columns (rounded). Each new line is
+    the source line at the position stepped by the aspect, truncated: rawpy (LibRaw 0.22) repeats
+    lines rather than mixing neighbours (measured in tests/test_isp_libraw_cases.py), so we do too.
+    """
+    codes = np.floor(linear.astype(np.float64) * 65535.0 + 1e-6)
+    axis, step = (0, pixel_aspect) if pixel_aspect < 1 else (1, 1.0 / pixel_aspect)
+    size = codes.shape[axis]
+    count = int(size / pixel_aspect + 0.5) if pixel_aspect < 1 else int(size * pixel_aspect + 0.5)
+    position = np.concatenate([[0.0], np.cumsum(np.full(count - 1, step))])  # LibRaw accumulates the step
+    stretched = np.take(codes, np.minimum(position.astype(np.int64), size - 1), axis)
+    if gamma == "linear":
+        return (stretched / 65535.0).astype(np.float32)
+    return fast.curve_lut(gamma).numpy()[np.clip(stretched, 0, 65535).astype(np.int64)]
 
 
 def _stderr(line: str) -> None:

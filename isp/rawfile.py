@@ -73,6 +73,7 @@ class RawFile:
     iso: float | None = None
     fnumber: float | None = None
     black_floor: float = 0.0  # the black common to all channels, which LibRaw takes off its maximum
+    pixel_aspect: float = 1.0  # pixel width / height; LibRaw stretches the output to square pixels
 
     @property
     def maximum(self) -> float:
@@ -208,7 +209,7 @@ def _extract(raw, path: Path) -> RawFile:
         path=path, layout=layout, data=data, black=black, white=white,
         cam_mul=np.asarray(raw.camera_whitebalance, dtype=np.float64)[:4].copy(), pre_mul=pre_mul,
         cam_to_srgb=cam_to_srgb, matrix_source=matrix_source, flip=int(raw.sizes.flip) & 7, make="", model="",
-        cfa=cfa, colour_index=colour_index, black_floor=float(black.min() if layout == "cfa" else per_channel[:4].min()),
+        cfa=cfa, colour_index=colour_index, pixel_aspect=float(raw.sizes.pixel_aspect), black_floor=float(black.min() if layout == "cfa" else per_channel[:4].min()),
         exposure_time=_round_exif(other.shutter_speed),
         iso=_round_exif(other.iso_speed), fnumber=_round_exif(other.aperture),
     )

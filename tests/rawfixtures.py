@@ -45,7 +45,8 @@ def smooth_mosaic(meta: CameraMeta, seed: int = 0, noise_dn: float = 40.0, fill:
 
 def write_test_dng(path, data: np.ndarray, *, cfa=None, black=0, white=65535, as_shot_neutral=(0.5, 1.0, 0.625),
                    color_matrix=((0.9, -0.25, -0.1), (-0.35, 1.2, 0.1), (-0.05, 0.15, 0.65)), orientation: int = 1,
-                   make: str | None = "Test", model: str | None = "Synthetic", unique_model: str | None = None):
+                   make: str | None = "Test", model: str | None = "Synthetic", unique_model: str | None = None,
+                   default_scale: tuple[float, float] | None = None):
     """Write a 16-bit uncompressed DNG with pidng, tags optional: the cases `isp.write_dng` never writes.
 
     data (H,W) with `cfa` (2,2)/(6,6) -> CFA DNG; (H,W) without `cfa` -> monochrome LinearRaw;
@@ -54,7 +55,7 @@ def write_test_dng(path, data: np.ndarray, *, cfa=None, black=0, white=65535, as
     """
     from pidng.core import RAW2DNG
     from pidng.defs import CalibrationIlluminant, PhotometricInterpretation
-    from pidng.dng import DNGTags, Tag
+    from pidng.dng import DNGTags, Tag, Type
 
     data = np.ascontiguousarray(data, dtype=np.uint16)
     height, width = data.shape[:2]
@@ -88,6 +89,8 @@ def write_test_dng(path, data: np.ndarray, *, cfa=None, black=0, white=65535, as
         tags.set(Tag.Model, model)
     if unique_model is not None:
         tags.set(Tag.UniqueCameraModel, unique_model)
+    if default_scale is not None:  # DNG DefaultScale (horizontal, vertical): non-square pixels
+        tags.set((50718, Type.Rational), [[int(round(v * 10000)), 10000] for v in default_scale])
     writer = RAW2DNG()
     writer.options(tags, path=str(Path(path).parent), compress=False)
     writer.convert(data, filename=Path(path).name)

@@ -138,6 +138,15 @@ def test_half_size_matches_rawpy(tmp_path, cfa, size):
     assert interior_psnr(ours, ref, border=2) >= 60
 
 
+@pytest.mark.parametrize("scale, half_size", [((1.0, 2.0), False), ((1.5, 1.0), False), ((1.0, 2.0), True)],
+                         ids=["taller", "wider", "taller-half"])
+def test_non_square_pixels_are_stretched_as_libraw(tmp_path, mosaic, scale, half_size):
+    path = cfa_dng(tmp_path, mosaic, default_scale=scale)
+    ours, ref = isp.render_file(path, half_size=half_size), rawpy_render(path, half_size=half_size)
+    assert ours.shape == ref.shape != (96 // (1 + half_size), 128 // (1 + half_size), 3)
+    assert interior_psnr(ours, ref) >= 60
+
+
 def test_make_model_from_unique_camera_model_and_ciff(tmp_path, mosaic):
     path = cfa_dng(tmp_path, mosaic, make=None, model=None, unique_model="Blackmagic Pocket Cinema Camera 4K")
     assert read_make_model(path) == ("Blackmagic", "Pocket Cinema Camera 4K", "Blackmagic Pocket Cinema Camera 4K")
