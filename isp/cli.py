@@ -18,6 +18,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     wb = args.wb if args.wb in WB_CHOICES else parse_wb(args.wb)  # checked before any work
     for path in args.inputs:
+        if Path(path).is_dir():
+            raise InputError(f"{path} is a folder; name the RAW files in it (e.g. {Path(path) / '*.dng'})")
         if not Path(path).is_file():
             raise InputError(f"{path}: no such file")
     targets = plan_outputs(args.inputs, args.output, args.format)

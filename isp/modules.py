@@ -22,7 +22,7 @@ class WhiteBalance(nn.Module):
 
 
 class Demosaic(nn.Module):
-    """(B,1,H,W) -> (B,3,H,W) ('bilinear') or (B,3,H/P,W/P) ('half')."""
+    """(B,1,H,W) -> (B,3,H,W) ('bilinear', 'malvar') or (B,3,H/P,W/P) ('half')."""
 
     def __init__(self, method: str = "bilinear"):
         super().__init__()

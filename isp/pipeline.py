@@ -96,7 +96,13 @@ class ISP(nn.Module):
 
 
 def select_wb(meta: CameraMeta, wb: str | tuple[float, float, float]) -> list[float]:
-    """'camera' (as shot), 'daylight', 'none' or explicit (r, g, b) multipliers."""
+    """'camera' (as shot), 'daylight', 'none' or explicit (r, g, b) multipliers, from metadata alone.
+
+    'auto' needs the image itself: `isp.render_file(..., wb="auto")` or `isp.rawfile.libraw_multipliers`.
+    """
+    if wb == "auto":
+        raise InputError("white balance 'auto' needs the image: use isp.render_file(path, wb='auto') "
+                         "or isp.rawfile.libraw_multipliers")
     if isinstance(wb, str):
         if wb == "camera":
             return list(meta.wb_as_shot)

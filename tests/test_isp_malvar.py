@@ -12,6 +12,7 @@ from isp import ops
 from tests.rawfixtures import BAYER_PHASES, make_meta, smooth_mosaic
 
 BORDER = 4
+pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # colour-demosaicing on new SciPy
 
 
 @pytest.mark.parametrize("phase", sorted(BAYER_PHASES))
