@@ -363,7 +363,7 @@ _MAX_HEAD = 1 << 20
 
 
 def read_make_model(path: str | os.PathLike) -> tuple[str, str, str]:
-    """(make, model, unique camera model) from a TIFF-based RAW (DNG, CR2, NEF, ARW, ORF, RW2...), RAF, CRW (CIFF) or CR3.
+    """(make, model, unique camera model) from a TIFF-based RAW (DNG, CR2, NEF, ARW, ORF, RW2...), RAF, CRW (CIFF), CR3 or MRW.
 
     A DNG without Make/Model tags (some cinema cameras write only UniqueCameraModel) gets its make
     from the first word of UniqueCameraModel and its model from the rest. Unknown containers give ''.
@@ -380,15 +380,28 @@ def read_make_model(path: str | os.PathLike) -> tuple[str, str, str]:
         return "", "", ""
     if head.startswith(b"FUJIFILM"):
         return "Fujifilm", _ascii(head[28:60]), ""
-    if head[4:12] == b"ftypcrx ":
+    if head[4:12] == b"ftypcrx ":  # Canon CR3: the TIFF of box CMT1
         at = head.find(b"CMT1")
         head = head[at + 4 :] if at >= 0 else b""
+    elif head[:4] == b"\0MRM":  # Minolta MRW: the TIFF of block TTW
+        head = _mrw_tiff(head)
     tags = _tiff_ifd0_strings(head)
     make, model, unique = tags.get(_TIFF_MAKE, ""), tags.get(_TIFF_MODEL, ""), tags.get(_DNG_UNIQUE_MODEL, "")
     if unique and not (make or model):
         first, _, rest = unique.partition(" ")
         make, model = first, rest or unique
     return make, model, unique
+
+
+def _mrw_tiff(head: bytes) -> bytes:
+    """Minolta MRW: blocks (4-byte name, big-endian 4-byte length) after an 8-byte header; TTW holds a TIFF."""
+    at, end = 8, 8 + int.from_bytes(head[4:8], "big")
+    while at + 8 <= min(end, len(head)):
+        name, size = head[at : at + 4], int.from_bytes(head[at + 4 : at + 8], "big")
+        if name == b"\0TTW":
+            return head[at + 8 : at + 8 + size]
+        at += 8 + size
+    return b""
 
 
 def _ascii(data: bytes) -> str:

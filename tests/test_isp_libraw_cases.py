@@ -147,7 +147,7 @@ def test_non_square_pixels_are_stretched_as_libraw(tmp_path, mosaic, scale, half
     assert interior_psnr(ours, ref) >= 60
 
 
-def test_make_model_from_unique_camera_model_and_ciff(tmp_path, mosaic):
+def test_make_model_from_unique_camera_model_ciff_and_mrw(tmp_path, mosaic):
     path = cfa_dng(tmp_path, mosaic, make=None, model=None, unique_model="Blackmagic Pocket Cinema Camera 4K")
     assert read_make_model(path) == ("Blackmagic", "Pocket Cinema Camera 4K", "Blackmagic Pocket Cinema Camera 4K")
     # A Canon CIFF heap: header, a sub-heap holding the make/model record (0x080A), tables at each heap's end.
@@ -159,6 +159,19 @@ def test_make_model_from_unique_camera_model_and_ciff(tmp_path, mosaic):
     crw = tmp_path / "a.crw"
     crw.write_bytes(b"II" + (26).to_bytes(4, "little") + b"HEAPCCDR" + bytes(12) + root)
     assert read_make_model(crw)[:2] == ("Canon", "Canon EOS D30")
+    # Minolta MRW: a TIFF (Make, Model in IFD0) inside the TTW block
+    tiff = bytearray(b"II*\0" + (8).to_bytes(4, "little") + (2).to_bytes(2, "little"))
+    strings = [b"Minolta\0", b"DiMAGE A1\0"]
+    data_at = 8 + 2 + 2 * 12 + 4
+    for tag, text in zip((271, 272), strings):
+        tiff += tag.to_bytes(2, "little") + (2).to_bytes(2, "little") + len(text).to_bytes(4, "little") \
+            + data_at.to_bytes(4, "little")
+        data_at += len(text)
+    tiff += bytes(4) + b"".join(strings)
+    blocks = b"\0PRD" + (8).to_bytes(4, "big") + bytes(8) + b"\0TTW" + len(tiff).to_bytes(4, "big") + bytes(tiff)
+    mrw = tmp_path / "a.mrw"
+    mrw.write_bytes(b"\0MRM" + len(blocks).to_bytes(4, "big") + blocks)
+    assert read_make_model(mrw)[:2] == ("Minolta", "DiMAGE A1")
 
 
 def test_blackmagic_dng_matches_libraw():
