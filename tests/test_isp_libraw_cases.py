@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rawpy
+import torch
 
 import isp
 from isp.rawfile import libraw_auto_wb, libraw_multipliers, open_raw, read_make_model
@@ -203,3 +204,16 @@ def test_info_reports_wb_and_matrix_sources(tmp_path, mosaic, capsys):
     assert main(["info", str(REALRAW / "lg_g4_sample_1mp.dng")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["layout"].startswith("full colour") and info["make"] and info["model"] and info["wb_source"] == "camera"
+
+
+def test_device_path_matches_the_cpu_strip_renderer(tmp_path, mosaic):
+    """`--device cuda` renders through the differentiable ops; here the same code runs on the CPU."""
+    from isp.develop import _render_cfa_torch
+
+    raw = open_raw(cfa_dng(tmp_path, mosaic, as_shot_neutral=None))
+    gains, _ = libraw_multipliers(raw, "camera")
+    device_path = _render_cfa_torch(raw, gains, raw.cam_to_srgb, "srgb", "bilinear", torch.device("cpu"), 1.0)
+    if torch.cuda.is_available():
+        device_path = _render_cfa_torch(raw, gains, raw.cam_to_srgb, "srgb", "bilinear", torch.device("cuda"), 1.0)
+    assert interior_psnr(device_path, isp.render_file(raw.path, device="cpu")) >= 70
+    assert interior_psnr(device_path, rawpy_render(raw.path)) >= 60
