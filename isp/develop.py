@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import fast, ops
 from .cfa import tile_sites
