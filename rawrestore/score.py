@@ -31,7 +31,7 @@ from isp.errors import InputError
 from rawrestore.data.manifest import CAMERAS, SUBSETS, PairRecord, select_subset
 from rawrestore.metrics import Evaluator
 from rawrestore.physics.align import SID_RATIO_CAP
-from rawrestore.protocols import SidRenderer, raw_row
+from rawrestore.protocols import SidRenderer, raw_row, to_tensor
 from rawrestore.results import (
     check_out_folder, format_protocol_table, protocol_summaries, remove_empty, write_per_image_csv, write_report,
     write_summary,
@@ -172,8 +172,7 @@ def _score(protocol: str, root: str, camera: str, pred_dir: Path, out: Path, spl
                 elif pred.shape[:2] != (height, width):
                     raise PredictionProblem(f"wrong size: {_find(pred_dir, stem, SRGB_SUFFIXES)}: {pred.shape[1]}x"
                                             f"{pred.shape[0]}, expected {width}x{height} (LibRaw's render of {record.long})")
-                pred_t = torch.from_numpy(np.ascontiguousarray(pred)).permute(2, 0, 1)[None]
-                evaluator.update([name], [record.ratio], pred_t, target)
+                evaluator.update([name], [record.ratio], to_tensor(pred), target)
             else:
                 channels = 4 if period == 2 else 9
                 path = _find(pred_dir, stem, (".npy",))
