@@ -49,6 +49,14 @@ class PredictionProblem(Exception):
     """A prediction that cannot be scored; str() is the one line printed for it."""
 
 
+def _exists(pred_dir: Path, stem: str, suffixes: tuple[str, ...]) -> bool:
+    try:
+        _find(pred_dir, stem, suffixes)
+    except PredictionProblem:
+        return False
+    return True
+
+
 def _find(pred_dir: Path, stem: str, suffixes: tuple[str, ...]) -> Path:
     for suffix in suffixes:
         for candidate in (pred_dir / f"{stem}{suffix}", pred_dir / f"{stem}{suffix.upper()}"):
@@ -68,7 +76,7 @@ def _read_image(path: Path) -> np.ndarray:
         return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
     import imageio.v3 as iio
 
-    return iio.imread(path)
+    return iio.imread(path, plugin="tifffile" if path.suffix.lower() in (".tif", ".tiff") else "pillow")
 
 
 def read_srgb_prediction(path: Path, bits: int | None) -> np.ndarray:
@@ -155,6 +163,15 @@ def _score(protocol: str, root: str, camera: str, pred_dir: Path, out: Path, spl
 
     records, listed = _records(root, camera, split, subset)
     period = CFA_PERIODS[camera]
+    missing = [r.long for r in records if not Path(r.long).is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: long exposure named in the {camera} {split} list is missing"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + "; check --root and --camera")
+    suffixes = SRGB_SUFFIXES if protocol == "sid" else (".npy",)
+    if records and not any(_exists(pred_dir, Path(r.short).stem, suffixes) for r in records):
+        raise InputError(f"--pred {pred_dir} holds none of the {len(records)} predictions (e.g. "
+                         f"{Path(records[0].short).stem}{suffixes[0]}); name the folder of files named after the short "
+                         "files' stems")
     lpips_net, lpips_note = _lpips_or_none() if protocol == "sid" else (None, "")
     evaluator = Evaluator(lpips_net=lpips_net, quantize=quantize and protocol == "sid")
     sid = SidRenderer()

@@ -262,7 +262,10 @@ def test_score_names_each_bad_prediction(sony, tmp_path, capsys):
     preds = tmp_path / "preds"
     preds.mkdir()
     target = libraw_reference(root / "Sony/long/10003_00_10s.ARW")
-    write_png(preds / "10003_00_0.1s.png", target, bits=16)  # good
+    good = np.clip(target + np.random.default_rng(3).normal(0, 0.01, target.shape), 0, 1)
+    import tifffile
+
+    tifffile.imwrite(preds / "10003_00_0.1s.tif", np.round(good * 65535).astype(np.uint16))  # good, a 16-bit TIFF
     write_png(preds / "10003_00_0.04s.png", target[:-2], bits=16)  # wrong size
     write_png(preds / "10003_01_0.04s.png", target, bits=8)  # 8-bit where 16 is declared
     (preds / "10034_00_0.033s.png").write_bytes(b"not an image")
@@ -278,10 +281,19 @@ def test_score_names_each_bad_prediction(sony, tmp_path, capsys):
     assert "1 of 4 predictions scored" in captured.out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scored"] == 1 and summary["unscored"] == 3
-    psnr, _ = srgb_scores(target, np.round(target * 65535) / 65535)
+    psnr, _ = srgb_scores(target, np.round(good * 65535) / 65535)
     assert summary["protocols"]["sid"]["scored"]["all"]["psnr"] == pytest.approx(psnr, abs=1e-6)
 
-    (preds / "10003_00_0.1s.png").unlink()  # now missing
+    # a folder with none of the predictions, or a root without the camera's files: one line, nothing written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for camera, pred_dir, needle in (("sony", empty, "holds none of the 4 predictions"), ("fuji", preds, "Fuji/long")):
+        assert main(["score", "--protocol", "sid", "--root", str(root), "--camera", camera, "--pred", str(pred_dir),
+                     "--out", str(tmp_path / "never")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert needle in error and "\n" not in error and not (tmp_path / "never").exists()
+
+    (preds / "10003_00_0.1s.tif").unlink()  # now missing
     assert main(["score", "--protocol", "sid", "--root", str(root), "--camera", "sony", "--pred", str(preds),
                  "--out", str(tmp_path / "again")]) == 2
     assert any("missing" in line and "10003_00_0.1s" in line for line in capsys.readouterr().err.splitlines())
