@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "rawrestore.train.cli",
     "eval": "rawrestore.evaluate",
     "infer": "rawrestore.infer",
+    "score": "rawrestore.score",
 }
 
 HELP = {
@@ -24,6 +25,7 @@ HELP = {
     "train": "train a model from a config",
     "eval": "evaluate a checkpoint: PSNR / SSIM / LPIPS / dE00 per ratio",
     "infer": "restore one dark RAW file",
+    "score": "score another method's outputs on SID (sid or raw protocol)",
 }
 
 

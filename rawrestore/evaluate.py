@@ -1,30 +1,28 @@
-"""`rawrestore eval`: score a checkpoint per image and per exposure ratio against two references.
+"""`rawrestore eval`: score a checkpoint per image and per exposure ratio, under one or several protocols.
 
-    rawrestore eval -c CFG --checkpoint CKPT [--split test] --out DIR [--classical wavelet|bm3d|none] [key=value ...]
+    rawrestore eval -c CFG --checkpoint CKPT [--split test] --out DIR [--classical wavelet|bm3d|none]
+                    [--protocol internal,sid,raw] [--subset all|aligned|burst00|burst00_aligned] [key=value ...]
 
-For every pair of the split (whole frames unless data.val_crop is set; tiled per eval.tile):
+For every pair of the split in eval.subset (whole frames unless data.val_crop is set; tiled per eval.tile):
 
     model      the network's packed RAW output (EMA weights when the checkpoint has them)
     baseline   the ratio-scaled dark input itself (what SID's "amplified input" looks like)
     classical  the same input denoised per packed channel by wavelet shrinkage (BayesShrink with
                skimage's noise estimate) or BM3D (optional `bm3d` package)
 
-each rendered to sRGB by the same `isp.ISP` (bilinear demosaic, sRGB curve), 8-bit quantised
-when eval.quantize_8bit, and scored with `rawrestore.metrics` against the rendered long exposure.
-LPIPS is null unless its backbone weights are on disk; nothing is ever made up.
+each scored under every protocol of eval.protocol (`rawrestore.protocols`: internal = our ISP on
+both sides; sid = LibRaw as in SID's test script; raw = the ELD/PMN packed-RAW protocol), sRGB
+images 8-bit quantised when eval.quantize_8bit. LPIPS is null unless its backbone weights are on
+disk; nothing is ever made up.
 
-Writes DIR/per_image.csv (the model; per_image_baseline.csv and per_image_classical.csv
-alongside), DIR/summary.json {"model"|"baseline"|"classical": {"all"|"x100"|...: {psnr, ssim,
-lpips, delta_e00, n}}}, DIR/report.html with DIR/images/*.png, and prints the per-ratio table.
+Writes DIR/per_image.csv, DIR/summary.json (layout in `rawrestore.results`), DIR/report.html with
+DIR/images/*.png and the published figures beside the measured ones, and prints the table.
 """
 from __future__ import annotations
 
 import argparse
-import html
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,15 +34,20 @@ import torch
 import isp
 from isp.color import delta_e2000, srgb_to_lab
 from isp.png import write_png
+from isp.safeio import write_bytes
 from rawrestore.config import ExperimentConfig, load_config
+from rawrestore.data.manifest import SUBSETS, select_subset
 from rawrestore.errors import ConfigError
-from rawrestore.metrics import METRIC_NAMES, Evaluator, quantize_8bit
+from rawrestore.metrics import Evaluator, quantize_8bit
 from rawrestore.models import build_model_from_config
-from rawrestore.ensemble import restore
+from rawrestore.protocols import SidRenderer, parse_protocols, eval_renderer, predict, render_internal, score_internal, score_raw
+from rawrestore.results import (
+    check_out_folder, format_protocol_table, protocol_summaries, remove_empty, write_per_image_csv, write_report,
+    write_summary,
+)
 
 __all__ = [
-    "configure", "run", "evaluate", "classical_denoise", "load_model", "render_packed", "delta_e_map",
-    "format_table", "METHODS", "FULL_FRAME_PIXELS",
+    "configure", "run", "evaluate", "classical_denoise", "load_model", "delta_e_map", "METHODS", "FULL_FRAME_PIXELS",
 ]
 
 METHODS = ("model", "baseline", "classical")
@@ -107,12 +110,6 @@ def classical_denoise(packed: torch.Tensor, method: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(device=packed.device, dtype=packed.dtype)
 
 
-def render_packed(renderer: isp.ISP, raw: torch.Tensor, sample: dict[str, Any], packed: bool, device: torch.device) -> torch.Tensor:
-    """sRGB of one sample's RAW. raw (1,C,h,w) packed or (1,1,H,W) -> (1,3,H,W) in [0,1]."""
-    return renderer(raw.float(), sample["cfa"].to(device), sample["wb"].to(device), sample["cam_to_srgb"].to(device),
-                    packed=packed)
-
-
 def delta_e_map(pred_srgb: torch.Tensor, target_srgb: torch.Tensor) -> np.ndarray:
     """Per-pixel CIEDE2000 as a colour picture. (1,3,H,W) sRGB -> (H,W,3) uint8 (inferno, 0..20 dE00)."""
     import matplotlib
@@ -146,82 +143,11 @@ def _stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem) or "image"
 
 
-# ----------------------------------------------------------------------------- summary
-
-
-def _empty_like(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Same groups as `summary` with every metric null and n = 0 (a method that did not run)."""
-    return {group: {**{metric: None for metric in METRIC_NAMES}, "n": 0} for group in summary}
-
-
-def format_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """The per-ratio table: one block per group, rows model / baseline / classical, columns PSNR SSIM LPIPS dE00 n."""
-    lines = [f"{'group':<6} {'method':<10} {'PSNR dB':>8} {'SSIM':>7} {'LPIPS':>7} {'dE00':>7} {'n':>4}"]
-    groups = list(summary["model"])
-    for group in groups:
-        for index, method in enumerate(METHODS):
-            stats = summary.get(method, {}).get(group)
-            if stats is None:
-                continue
-
-            def cell(key: str, digits: int, width: int) -> str:
-                value = stats.get(key)
-                return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else f"{'-':>{width}}"
-
-            lines.append(f"{group if index == 0 else '':<6} {method:<10} {cell('psnr', 2, 8)} {cell('ssim', 4, 7)} "
-                         f"{cell('lpips', 4, 7)} {cell('delta_e00', 2, 7)} {stats.get('n', 0):>4}")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------ report
 
-
-def _html_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    head = "<tr><th>group</th><th>method</th><th>PSNR (dB)</th><th>SSIM</th><th>LPIPS</th><th>ΔE00</th><th>n</th></tr>"
-    rows = []
-    for group in summary["model"]:
-        for method in METHODS:
-            stats = summary[method].get(group)
-            if stats is None:
-                continue
-            cells = []
-            for key, digits in (("psnr", 2), ("ssim", 4), ("lpips", 4), ("delta_e00", 2)):
-                value = stats.get(key)
-                cells.append(f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–")
-            rows.append(f"<tr><td>{html.escape(group)}</td><td>{method}</td>" + "".join(f"<td>{c}</td>" for c in cells)
-                        + f"<td>{stats.get('n', 0)}</td></tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
-
-
-def write_report(out: Path, summary: dict[str, Any], images: list[dict[str, Any]], notes: list[str],
-                 curves: str | None, title: str) -> Path:
-    """DIR/report.html: notes, per-ratio table, loss curves, one row of pictures per image."""
-    style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
-             "figure{display:inline-block;margin:4px;text-align:center}img{max-width:260px}"
-             "figcaption{font-size:12px}.row{margin-bottom:1.2em}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts += [f"<p>{html.escape(note)}</p>" for note in notes]
-    parts.append("<h2>Per exposure ratio</h2>" + _html_table(summary))
-    if curves:
-        parts.append(f"<h2>Training curves</h2><img style='max-width:900px' src='{html.escape(curves)}'>")
-    parts.append("<h2>Images</h2><p>scaled input (baseline) · prediction · target · classical · ΔE00 of the prediction "
-                 f"(0–{DELTA_E_SCALE:g}, inferno)</p>")
-    for item in images:
-        figures = []
-        for key, caption in (("input", "scaled input"), ("pred", "prediction"), ("target", "target"),
-                             ("classical", "classical"), ("delta_e", "ΔE00 map")):
-            if item.get(key):
-                figures.append(f"<figure><a href='{html.escape(item[key])}'><img src='{html.escape(item[key])}'></a>"
-                               f"<figcaption>{caption}</figcaption></figure>")
-        scores = item["scores"]
-        parts.append(f"<div class='row'><h3>{html.escape(item['name'])} (x{item['ratio']:g})</h3>"
-                     f"<p>{html.escape(scores)}</p>{''.join(figures)}</div>")
-    parts.append("</body></html>")
-    path = out / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+REPORT_PICTURES = (("input", "scaled input (baseline)"), ("pred", "prediction"), ("target", "target"),
+                   ("classical", "classical"), ("delta_e", f"ΔE00 of the prediction (0–{DELTA_E_SCALE:g}, inferno)"),
+                   ("sid_pred", "prediction, sid protocol (LibRaw)"), ("sid_target", "target, sid protocol (LibRaw)"))
 
 
 def _curves_for_report(cfg: ExperimentConfig, images_dir: Path) -> str | None:
@@ -232,11 +158,17 @@ def _curves_for_report(cfg: ExperimentConfig, images_dir: Path) -> str | None:
     target = images_dir / CURVES_NAME
     source = run_dir / CURVES_NAME
     if source.is_file():
-        shutil.copyfile(source, target)
+        write_bytes(target, source.read_bytes(), inputs=[source])
         return f"images/{CURVES_NAME}"
     if (run_dir / LOG_NAME).is_file() and write_loss_curves(run_dir / LOG_NAME, target) is not None:
         return f"images/{CURVES_NAME}"
     return None
+
+
+def _picture(path: Path, srgb: torch.Tensor, quantize: bool) -> None:
+    """A report picture of a (1,3,H,W) sRGB render, box-downscaled."""
+    shown = quantize_8bit(srgb) if quantize else srgb
+    write_png(path, _shrink(_to_picture(shown), REPORT_MAX_SIDE))
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -245,101 +177,132 @@ def _curves_for_report(cfg: ExperimentConfig, images_dir: Path) -> str | None:
 def evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: str | os.PathLike, split: str | None = None,
              classical: str | None = None, classical_explicit: bool = False, images: bool = True,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Score a checkpoint on a split and write the outputs described in the module docstring. -> summary dict."""
+    """Score a checkpoint on a split and write the outputs described in the module docstring. -> summary dict.
+
+    A failure removes the folders this call created while they are still empty.
+    """
+    out = Path(out)
+    created = check_out_folder(out)
+    try:
+        return _evaluate(cfg, checkpoint, out, split, classical, classical_explicit, images, log)
+    except BaseException:
+        remove_empty(created)
+        raise
+
+
+def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, split: str | None,
+              classical: str | None, classical_explicit: bool, images: bool,
+              log: Callable[[str], None] | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
     from rawrestore.data.dataset import build_datasets
     from rawrestore.train.trainer import build_lpips_or_none
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     split = split or cfg.eval.split
     method = classical or cfg.eval.classical
+    protocols = list(cfg.eval.protocol)
     device = isp.resolve_device(cfg.device)
-    out = Path(out)
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    packed = cfg.data.packed
 
     model, step, used_ema = load_model(cfg, checkpoint, device)
-    dataset = build_datasets(cfg.data, split, seed=cfg.seed)
+    dataset = build_datasets(cfg.data, split, seed=cfg.seed, prepare=False)
+    listed = len(dataset)
+    dataset.records = select_subset(dataset.records, cfg.eval.subset)
+    if not dataset.records:
+        raise ConfigError(f"eval.subset {cfg.eval.subset} leaves none of the {listed} {split} pairs; use eval.subset=all")
+    dataset.prepare()
     count = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
     lpips_net, lpips_note = build_lpips_or_none(cfg, device)
-    renderer = isp.ISP(demosaic="bilinear", gamma="srgb")
-    evaluators = {name: Evaluator(lpips_net=lpips_net, quantize=cfg.eval.quantize_8bit) for name in METHODS}
+    renderer = eval_renderer()
+    sid = SidRenderer()
+    quantize = cfg.eval.quantize_8bit
+    evaluators = {protocol: {name: Evaluator(lpips_net=None if protocol == "raw" else lpips_net, quantize=quantize)
+                             for name in METHODS} for protocol in protocols}
     notes = [f"checkpoint {checkpoint} (step {step}, {'EMA' if used_ema else 'raw'} weights); split {split}, "
-             f"{count} of {len(dataset)} pairs; tile {cfg.eval.tile or 'off'}"
+             f"subset {cfg.eval.subset}: {count} of {listed} pairs; protocols {', '.join(protocols)}; "
+             f"8-bit quantisation {'on' if quantize else 'off'}; tile {cfg.eval.tile or 'off'}"
              + (f", overlap {cfg.eval.overlap}" if cfg.eval.tile else "")
              + ("; self-ensemble over the CFA-preserving flips/transposes" if cfg.eval.self_ensemble else "")
              + f"; {lpips_note}"]
     run_classical = method != "none"
+    images_dir = out / "images"
+    if images:
+        images_dir.mkdir(exist_ok=True)
     report_items: list[dict[str, Any]] = []
     started = time.perf_counter()
-    from tqdm import tqdm
 
     for index in tqdm(range(count), desc=f"eval {split}", unit="img", file=sys.stderr, disable=None):
         sample = dataset[index]
+        record = dataset.records[index]
         name = sample["short_name"]
         ratio = float(sample["ratio"])
         packed_input = sample["input"][None].to(device)
-        target = sample["target"][None].to(device)
-        pixels = packed_input.shape[-2] * packed_input.shape[-1] * (cfg.data.cfa_period ** 2 if cfg.data.packed else 1)
+        pixels = packed_input.shape[-2] * packed_input.shape[-1] * (cfg.data.cfa_period ** 2 if packed else 1)
         if run_classical and pixels > FULL_FRAME_PIXELS and not classical_explicit:
             run_classical = False
             notes.append(f"classical reference skipped: frames of {pixels / 1e6:.1f} MP (slow on full SID frames); "
                          f"ask for it with --classical {method}")
         with torch.no_grad():
-            pred = restore(model, packed_input, sample["cfa"].to(device), cfg.eval.tile, cfg.eval.overlap,
-                           cfg.eval.self_ensemble, cfg.data.packed)
-            renders = {
-                "model": render_packed(renderer, pred, sample, cfg.data.packed, device),
-                "baseline": render_packed(renderer, packed_input, sample, cfg.data.packed, device),
-            }
+            raws = {"model": predict(model, sample, cfg.eval, packed, device), "baseline": packed_input}
             if run_classical:
-                denoised = classical_denoise(packed_input[0], method)[None]
-                renders["classical"] = render_packed(renderer, denoised, sample, cfg.data.packed, device)
-            target_srgb = render_packed(renderer, target, sample, cfg.data.packed, device)
-            rows = {key: evaluators[key].update([name], [ratio], srgb, target_srgb)[0] for key, srgb in renders.items()}
+                raws["classical"] = classical_denoise(packed_input[0], method)[None]
+            scores: dict[str, str] = {}
+            shown: dict[str, torch.Tensor] = {}
+            if "internal" in protocols or images:
+                for key, raw in raws.items():
+                    if "internal" in protocols:
+                        row, srgb, target_srgb = score_internal(evaluators["internal"][key], renderer, raw, sample, packed)
+                        scores[key] = f"{key}: {row.psnr:.2f} dB, SSIM {row.ssim:.3f}, ΔE00 {row.delta_e00:.2f}" + (
+                            f", LPIPS {row.lpips:.3f}" if row.lpips is not None else "")
+                    else:
+                        srgb = render_internal(renderer, raw, sample, packed)
+                        target_srgb = render_internal(renderer, sample["target"][None].to(device), sample, packed)
+                    shown[{"model": "pred", "baseline": "input"}.get(key, key)] = srgb
+                    shown["target"] = target_srgb
+            if "sid" in protocols:
+                box = tuple(int(v) for v in sample["crop"].tolist())
+                sid_target = sid.target(record.long, box).to(device)
+                for key, raw in raws.items():
+                    sid_pred = sid.prediction(record.long, raw, sample, packed, box).to(device)
+                    row = evaluators["sid"][key].update([name], [ratio], sid_pred, sid_target)[0]
+                    if key == "model":
+                        shown["sid_pred"], shown["sid_target"] = sid_pred, sid_target
+                        scores["sid"] = f"sid: {row.psnr:.2f} dB, SSIM {row.ssim:.3f}"
+            if "raw" in protocols:
+                for key, raw in raws.items():
+                    row = score_raw(evaluators["raw"][key], raw, sample, packed)
+                    if key == "model":
+                        scores["raw"] = f"raw: {row.psnr:.2f} dB, SSIM {row.ssim:.4f}"
         if images:
             stem = _stem(name)
-            item: dict[str, Any] = {"name": name, "ratio": ratio}
-            shown = {"input": renders["baseline"], "pred": renders["model"], "target": target_srgb,
-                     "classical": renders.get("classical")}
+            item: dict[str, Any] = {"name": name, "ratio": ratio, "scores": "  ·  ".join(scores.values())}
             for key, srgb in shown.items():
-                if srgb is None:
-                    continue
-                picture = quantize_8bit(srgb) if cfg.eval.quantize_8bit else srgb
-                write_png(images_dir / f"{stem}_{key}.png", _shrink(_to_picture(picture), REPORT_MAX_SIDE))
+                _picture(images_dir / f"{stem}_{key}.png", srgb, quantize)
                 item[key] = f"images/{stem}_{key}.png"
-            pred_shown = quantize_8bit(renders["model"]) if cfg.eval.quantize_8bit else renders["model"]
-            target_shown = quantize_8bit(target_srgb) if cfg.eval.quantize_8bit else target_srgb
+            pred_shown = quantize_8bit(shown["pred"]) if quantize else shown["pred"]
+            target_shown = quantize_8bit(shown["target"]) if quantize else shown["target"]
             write_png(images_dir / f"{stem}_delta_e.png", _shrink(delta_e_map(pred_shown, target_shown), REPORT_MAX_SIDE))
             item["delta_e"] = f"images/{stem}_delta_e.png"
-            item["scores"] = "  ·  ".join(
-                f"{key}: {row.psnr:.2f} dB, SSIM {row.ssim:.3f}, ΔE00 {row.delta_e00:.2f}"
-                + (f", LPIPS {row.lpips:.3f}" if row.lpips is not None else "")
-                for key, row in rows.items()
-            )
             report_items.append(item)
     elapsed = time.perf_counter() - started
 
-    model_summary = evaluators["model"].write(out)
-    summary = {
-        "model": model_summary,
-        "baseline": evaluators["baseline"].summary(),
-        "classical": evaluators["classical"].summary() if len(evaluators["classical"]) else _empty_like(model_summary),
-    }
-    evaluators["baseline"].write_csv(out / "per_image_baseline.csv")
-    if len(evaluators["classical"]):
-        evaluators["classical"].write_csv(out / "per_image_classical.csv")
-    elif method == "none":
+    if not run_classical and method == "none":
         notes.append("classical reference off (--classical none)")
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "summary.json")
+    by_protocol = protocol_summaries(evaluators)
+    summary: dict[str, Any] = dict(by_protocol.get("internal", {}))
+    summary.update({"protocols": by_protocol, "subset": cfg.eval.subset, "pairs": count, "split": split,
+                    "quantize_8bit": quantize})
+    write_per_image_csv(out / "per_image.csv", evaluators)
+    write_summary(out / "summary.json", summary)
     notes.append(f"{count} images in {elapsed:.1f} s ({elapsed / max(count, 1):.2f} s per image, "
-                 f"model + references + metrics + pictures) on {device}")
+                 f"model + references + protocols + metrics + pictures) on {device}")
     curves = _curves_for_report(cfg, images_dir) if images else None
-    report = write_report(out, summary, report_items, notes, curves, f"rawrestore eval: {Path(cfg.output_dir).name} / {split}")
+    report = write_report(out, by_protocol, cfg.data.camera, report_items, notes, curves,
+                          f"rawrestore eval: {Path(cfg.output_dir).name} / {split}", REPORT_PICTURES)
     for note in notes[1:]:
         say(f"eval: {note}")
-    print(format_table(summary))
+    print(format_protocol_table(by_protocol))
     print(f"report: {report}")
     return summary
 
@@ -358,12 +321,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classical", choices=("wavelet", "bm3d", "none"), default=None,
                         help="classical reference (default eval.classical; skipped on full SID frames unless given here)")
     parser.add_argument("--no-images", action="store_true", help="write no pictures (the report keeps the tables)")
+    parser.add_argument("--protocol", default=None, metavar="P[,P...]",
+                        help="comma-separated scoring protocols (default eval.protocol): internal, sid (LibRaw as SID), "
+                        "raw (ELD/PMN)")
+    parser.add_argument("--subset", choices=SUBSETS, default=None, help="pairs to score (default eval.subset)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.tile=512 device=cpu")
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config and evaluate; prints the per-ratio table and the report path."""
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides or [])
+    if args.protocol:
+        overrides.append(f"eval.protocol=[{','.join(parse_protocols(args.protocol))}]")
+    if args.subset:
+        overrides.append(f"eval.subset={args.subset}")
+    cfg = load_config(args.config, overrides)
     explicit = args.classical is not None or any(o.strip().startswith("eval.classical=") for o in args.overrides)
     evaluate(cfg, args.checkpoint, args.out, split=args.split, classical=args.classical,
              classical_explicit=explicit, images=not args.no_images)

@@ -33,6 +33,7 @@ from rawrestore.config import ExperimentConfig, apply_overrides, from_dict, load
 from rawrestore.errors import ConfigError, InputError
 from rawrestore.physics.align import align_exposure, exposure_ratio
 from rawrestore.ensemble import restore
+from rawrestore.protocols import render_picture
 
 __all__ = ["configure", "run", "restore_file", "resolve_ratio", "DEFAULT_REFERENCE_EXPOSURE_S", "DEFAULT_TILE"]
 
@@ -116,8 +117,7 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
     restored_mosaic = isp.cfa.unpack(restored, cfa) if cfg.data.packed else restored
     del restored
 
-    tensors = meta.render_tensors(device)
-    srgb = isp.ISP(demosaic="bilinear", gamma="srgb")(restored_mosaic, tensors["cfa"], tensors["wb"], tensors["cam_to_srgb"])
+    srgb = render_picture(cfg.eval.protocol, restored_mosaic, meta, path)  # rawrestore.protocols: eval's renderer
     picture = srgb[0].permute(1, 2, 0).cpu().numpy()
     del srgb
     try:

@@ -51,9 +51,11 @@ device: cpu
     return config, folder / "run/checkpoints/last.pt", root
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
+def read_csv(path: Path, method: str | None = None) -> list[dict[str, str]]:
+    """Rows of a per_image.csv (of one method of the internal protocol when `method` is given)."""
     with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+        rows = list(csv.DictReader(handle))
+    return rows if method is None else [r for r in rows if r["protocol"] == "internal" and r["method"] == method]
 
 
 def test_eval_writes_csv_summary_report(trained, tmp_path, capsys):
@@ -61,17 +63,20 @@ def test_eval_writes_csv_summary_report(trained, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "-c", str(config), "--checkpoint", str(checkpoint), "--split", "test", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^all\s+model\s", printed, re.M) and re.search(r"^\s+classical\s", printed, re.M)
+    assert re.search(r"^internal\s+all\s+model\s", printed, re.M) and re.search(r"^\s+classical\s", printed, re.M)
     assert f"report: {out / 'report.html'}" in printed
 
-    rows = read_csv(out / "per_image.csv")
-    assert list(rows[0]) == ["name", "ratio", "psnr", "ssim", "lpips", "delta_e00"]
+    rows = read_csv(out / "per_image.csv", "model")
+    assert list(rows[0]) == ["protocol", "method", "short", "ratio", "psnr", "ssim", "lpips", "delta_e00"]
+    assert len(read_csv(out / "per_image.csv")) == 3 * 3  # model, baseline, classical
     assert sorted(float(r["ratio"]) for r in rows) == [100.0, 250.0, 300.0]
     assert all(r["lpips"] == "" for r in rows)  # no LPIPS weights on disk: not measured, never invented
 
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"model", "baseline", "classical"}
-    for method in summary.values():
+    assert set(summary) == {"model", "baseline", "classical", "protocols", "subset", "pairs", "split", "quantize_8bit"}
+    assert summary["protocols"] == {"internal": {m: summary[m] for m in ("model", "baseline", "classical")}}
+    assert summary["subset"] == "all" and summary["pairs"] == 3
+    for method in (summary[m] for m in ("model", "baseline", "classical")):
         assert set(method) == GROUPS
         for stats in method.values():
             assert set(stats) == METRICS and stats["lpips"] is None
@@ -98,7 +103,7 @@ def test_eval_baseline_numbers_match_direct_computation(trained, tmp_path):
     out = tmp_path / "eval"
     main(["eval", "-c", str(config), "--checkpoint", str(checkpoint), "--out", str(out), "--classical", "none",
           "--no-images"])
-    baseline = {r["name"]: r for r in read_csv(out / "per_image_baseline.csv")}
+    baseline = {r["short"]: r for r in read_csv(out / "per_image.csv", "baseline")}
     name = "10001_00_0.04s.dng"
     short, meta = isp.read_raw(root / "Sony/short" / name)
     long, long_meta = isp.read_raw(root / "Sony/long/10001_00_10s.dng")
@@ -114,6 +119,39 @@ def test_eval_baseline_numbers_match_direct_computation(trained, tmp_path):
     assert float(baseline[name]["delta_e00"]) == pytest.approx(functional.delta_e00(pred_srgb, target_srgb).item(), abs=1e-5)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["classical"]["all"] == {"psnr": None, "ssim": None, "lpips": None, "delta_e00": None, "n": 0}
+
+
+def test_validate_and_eval_give_the_same_numbers(tmp_path):
+    """Trainer.validate after training = `rawrestore eval --split val` on the checkpoint it wrote (one scoring path)."""
+    from rawrestore.data.synth import generate
+
+    root = generate(tmp_path / "synthetic", "sony", scenes=3, seed=1, size=96, progress=False)
+    config = tmp_path / "v.yaml"
+    config.write_text(f"""
+base:
+  - {REPO}/configs/data/synthetic.yaml
+  - {REPO}/configs/model/unet.yaml
+  - {REPO}/configs/losses/raw_l1.yaml
+data: {{root: {root}, crop_size: 64, num_workers: 0, cache_dir: null}}
+model: {{width: 4}}
+train: {{iterations: 2, batch_size: 2, val_every: 100, ckpt_every: 0, ema: 0.5, amp: bf16, channels_last: false}}
+eval: {{tile: 0, overlap: 0, classical: none}}
+output_dir: {tmp_path}/run
+device: cpu
+""", encoding="utf-8")
+    trainer = Trainer(load_config(config), log=lambda _: None, progress=False)
+    trainer.fit()
+    validated = trainer.validate()["summary"]
+    out = tmp_path / "eval"
+    assert main(["eval", "-c", str(config), "--checkpoint", str(tmp_path / "run/checkpoints/last.pt"), "--split", "val",
+                 "--out", str(out), "--no-images"]) == 0
+    evaluated = json.loads((out / "summary.json").read_text())["model"]
+    assert set(validated) == set(evaluated) and validated["all"]["n"] >= 1
+    # identical: same prediction path in float32 (validation no longer runs under the bf16 autocast set here)
+    # and the same renderer; with train.channels_last the weights' layout changes float rounding only
+    for group, stats in validated.items():
+        for metric in ("psnr", "ssim", "delta_e00"):
+            assert evaluated[group][metric] == pytest.approx(stats[metric], abs=1e-9)
 
 
 def test_classical_options():
@@ -239,7 +277,7 @@ def test_eval_and_infer_self_ensemble(trained, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "-c", str(config), "eval.self_ensemble=true", "--checkpoint", str(checkpoint), "--out", str(out),
                  "--classical", "none", "--no-images"]) == 0
-    rows = {r["name"]: r for r in read_csv(out / "per_image.csv")}
+    rows = {r["short"]: r for r in read_csv(out / "per_image.csv", "model")}
     cfg = load_config(config)
     model, _, _ = load_model(cfg, checkpoint, torch.device("cpu"))
     sample = next(s for s in (build_datasets(cfg.data, "test")[i] for i in range(3)) if s["short_name"] == "10001_00_0.1s.dng")

@@ -394,6 +394,9 @@ class EvalConfig:
     max_images: int | None = None
     quantize_8bit: bool = True  # round sRGB to 8 bits before metrics, as SID's published numbers did
     self_ensemble: bool = False  # average the model over the CFA-preserving flips/transposes (8x the model time)
+    # scoring protocols (rawrestore.protocols): internal (our ISP), sid (LibRaw as SID), raw (ELD/PMN packed RAW)
+    protocol: list[Literal["internal", "sid", "raw"]] = field(default_factory=lambda: ["internal"])
+    subset: Literal["all", "aligned", "burst00", "burst00_aligned"] = "all"  # pairs scored (data.manifest.SUBSETS)
 
     def validate(self, key: str = "eval") -> None:
         """Check values: tile >= 0, 0 <= overlap < tile when tiling, max_images >= 1."""
@@ -403,6 +406,8 @@ class EvalConfig:
             _require(self.overlap < self.tile, f"{key}.overlap", f"must be < tile={self.tile}", self.overlap)
         if self.max_images is not None:
             _require(self.max_images >= 1, f"{key}.max_images", "must be >= 1 or null", self.max_images)
+        _require(len(self.protocol) >= 1 and len(set(self.protocol)) == len(self.protocol), f"{key}.protocol",
+                 "must list internal, sid and/or raw, each once", self.protocol)
 
 
 # ----------------------------------------------------------------------- experiment

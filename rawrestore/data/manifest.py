@@ -48,6 +48,9 @@ CSV_COLUMNS: tuple[str, ...] = (
     "ratio", "iso", "fnumber", "camera", "misaligned",
 )
 ELD_LIST_NAME = "ELD_Sony_paired_129.txt"
+# eval.subset: which pairs of a split are scored. `burst00` is the first short frame of each scene
+# (both ratios), as SID's test_Sony.py globs `%05d_00*.ARW`; `aligned` drops the misaligned scenes.
+SUBSETS: tuple[str, ...] = ("all", "aligned", "burst00", "burst00_aligned")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_DIR = REPO_ROOT / "data_manifests"
 SHIPPED_LISTS_DIR = SHIPPED_DIR / "lists"
@@ -152,6 +155,15 @@ def read_eld_list(path: str | os.PathLike, sid_records: Iterable[PairRecord]) ->
             raise DataError(f"{where}: listed ratio {listed_ratio:g} differs from min(long/short, 300) = {sid.ratio:g}")
         records.append(sid)
     return records
+
+
+def select_subset(records: Sequence[PairRecord], subset: str) -> list[PairRecord]:
+    """The pairs of `records` in an eval subset (SUBSETS), in their order; DataError for an unknown name."""
+    if subset not in SUBSETS:
+        raise DataError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
+    keep_burst = subset.startswith("burst00")
+    keep_aligned = subset.endswith("aligned")
+    return [r for r in records if (not keep_burst or r.burst == 0) and not (keep_aligned and r.misaligned)]
 
 
 def write_manifest(records: Sequence[PairRecord], csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:

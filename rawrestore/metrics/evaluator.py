@@ -139,7 +139,7 @@ class Evaluator:
             "lpips": None,
         }
         if self.lpips_net is not None:
-            scores["lpips"] = functional.lpips(pred, target, self.lpips_net).tolist()
+            scores["lpips"] = functional.lpips(pred.float(), target.float(), self.lpips_net).tolist()  # the net is float32
         return [
             self.add(
                 name,

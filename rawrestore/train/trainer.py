@@ -641,10 +641,15 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any] | None:
-        """Metrics on the val split (sharded over ranks, gathered). -> Evaluator summary (+ per-rank counts) or None."""
+        """Metrics on the val split (sharded over ranks, gathered). -> Evaluator summary (+ per-rank counts) or None.
+
+        Scores exactly as `rawrestore eval`'s internal protocol (`rawrestore.protocols`: same
+        prediction path, float32, same renderer), so validation and evaluation cannot disagree.
+        """
         if self.val_set is None or len(self.val_set) == 0:
             return None
         from rawrestore.metrics import Evaluator
+        from rawrestore.protocols import eval_renderer, predict, score_internal
 
         if self._lpips_note is None:
             self._lpips, self._lpips_note = build_lpips_or_none(self.cfg, self.device)
@@ -653,21 +658,13 @@ class Trainer:
         was_training = model.training
         model.eval()
         evaluator = Evaluator(lpips_net=self._lpips, quantize=self.cfg.eval.quantize_8bit)
+        renderer = eval_renderer()
         indices = list(range(self.dist.rank, len(self.val_set), self.dist.world_size))
         with _preserved_rngs():
             for index in indices:
                 sample = self.val_set[index]
-                packed = sample["input"][None].to(self.device)
-                target = sample["target"][None].to(self.device)
-                with self._autocast():
-                    pred = tiled_apply(model, packed, self.cfg.eval.tile, self.cfg.eval.overlap)
-                pred = pred.float()
-                cfa = sample["cfa"].to(self.device)
-                wb, matrix = sample["wb"].to(self.device), sample["cam_to_srgb"].to(self.device)
-                packed_flag = self.cfg.data.packed
-                pred_srgb = self.val_render(pred, cfa, wb, matrix, packed=packed_flag)
-                target_srgb = self.val_render(target, cfa, wb, matrix, packed=packed_flag)
-                evaluator.update([sample["short_name"]], [float(sample["ratio"])], pred_srgb, target_srgb)
+                pred = predict(model, sample, self.cfg.eval, self.cfg.data.packed, self.device)
+                score_internal(evaluator, renderer, pred, sample, self.cfg.data.packed)
         if was_training:
             model.train()
         counts = dist_utils.all_gather_objects(len(indices))
