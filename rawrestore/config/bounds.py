@@ -100,7 +100,7 @@ def load_yaml(text: str, source: str) -> Any:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{source}:{where} is not valid YAML ({str(problem)[:PREVIEW_CHARS]})") from None
+        raise ConfigError(f"{source}:{where} is not valid YAML ({str(problem)[:2 * PREVIEW_CHARS]})") from None
     except (ValueError, RecursionError) as error:  # e.g. an integer past Python's digit limit
         raise ConfigError(f"{source}: a value cannot be read ({type(error).__name__}: {preview(str(error))})") from None
     finally:

@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,12 +34,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from isp.safeio import check_output
 from rawrestore.errors import InputError
 
 __all__ = [
     "FORMAT", "CHECKPOINT_DIR", "LAST", "BEST", "CheckpointError", "periodic_name", "checkpoint_dir",
     "save_checkpoint", "verify_checkpoint", "load_checkpoint", "find_resume", "rng_state", "set_rng_state",
-    "sha256_file", "inference_weights", "clean_temporaries",
+    "sha256_file", "inference_weights", "clean_temporaries", "check_expansion",
 ]
 
 FORMAT = 1
@@ -48,6 +50,9 @@ BEST = "best.pt"
 _PERIODIC = re.compile(r"^step_(\d+)\.pt$")
 _TEMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
+# torch.save stores entries uncompressed: what a checkpoint expands to is about its size on disk
+_MAX_EXPANSION = 1.25
+_EXPANSION_SLACK = 1 << 20
 
 
 class CheckpointError(InputError):
@@ -125,9 +130,13 @@ def save_checkpoint(state: dict[str, Any], paths: list[Path]) -> str:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporaries.append(_write_temporary(path.parent, data))
             temporaries.append(_write_temporary(path.parent, f"{digest}  {path.name}\n".encode("ascii")))
+            for target in (path, _sidecar(path)):  # only a regular file or a new path is replaced
+                check_output(target, what="checkpoint")
             os.replace(temporaries[0], path)
             os.replace(temporaries[1], _sidecar(path))
             _fsync_dir(path.parent)
+        except InputError as error:
+            raise CheckpointError(f"{error}; the checkpoints already in {path.parent} are unchanged") from None
         except OSError as error:
             reason = error.strerror or str(error)
             raise CheckpointError(
@@ -163,6 +172,42 @@ def verify_checkpoint(path: str | os.PathLike) -> tuple[bool, str]:
     return True, "sha256 ok"
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available now (MemAvailable), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_expansion(path: str | os.PathLike) -> int:
+    """What loading a checkpoint would hold in memory, checked before loading it. -> bytes.
+
+    A zip checkpoint's entries are sized from its directory: their total may exceed the file's
+    size only by a little (torch.save does not compress), and must fit in the memory available.
+    A deflate-compressed file that would expand many times over is refused unread.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return size  # not a zip (legacy torch format): stored as is, its size bounds what it holds
+    if total > _MAX_EXPANSION * size + _EXPANSION_SLACK:
+        raise CheckpointError(f"checkpoint {path} would expand from {size / 2**20:.1f} MiB on disk to {total / 2**20:.1f} MiB "
+                              "in memory (compressed entries; rawrestore writes checkpoints uncompressed): refused unread")
+    available = _available_memory()
+    if available is not None and total > available:
+        raise CheckpointError(f"checkpoint {path} needs {total / 2**30:.2f} GiB of memory but {available / 2**30:.2f} GiB "
+                              "is available; free memory or load it on a larger machine")
+    return total
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
     """Read a checkpoint with torch.load(weights_only=True) after checking its sha256. -> the state dict.
 
@@ -175,6 +220,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ok, reason = verify_checkpoint(path)
         if not ok:
             raise CheckpointError(f"checkpoint {path} is unusable: {reason}; use another file in {path.parent}")
+    check_expansion(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -188,6 +234,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first[:160]})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a rawrestore checkpoint (no 'model'/'step' entries)")
+    if state.get("config") is not None:
+        from rawrestore.config.bounds import check_tree
+
+        try:
+            check_tree(state["config"], "its config")
+        except InputError as error:
+            raise CheckpointError(f"checkpoint {path}: {error}") from None
     return state
 
 
@@ -216,6 +269,7 @@ class _Candidate:
 def _peek_step(path: Path) -> int | None:
     """The step stored in a checkpoint, reading only its small entries (mmap); None when unreadable."""
     try:
+        check_expansion(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(state["step"])
     except Exception:  # unreadable files are reported when they are verified
