@@ -33,6 +33,7 @@ from isp.safeio import atomic_output, check_output
 from rawrestore.config.bounds import preview
 from rawrestore.config import ExperimentConfig, apply_overrides, from_dict, load_config
 from rawrestore.errors import ConfigError, InputError
+from rawrestore.folders import check_parent, new_folders
 from rawrestore.physics.align import align_exposure, exposure_ratio
 from rawrestore.ensemble import restore
 
@@ -57,41 +58,14 @@ def resolve_ratio(meta: isp.CameraMeta, ratio: float | None, reference_exposure_
     return value, f"{reference_exposure_s:g} s / {meta.exposure_time:g} s" + (f" capped at {cap:g}" if value == cap else "")
 
 
-def _make_folders(paths: list[Path]) -> list[Path]:
-    """Create the folders the outputs go to. -> the folders this call created, deepest first (to undo on failure)."""
-    created: list[Path] = []
-    for path in paths:
-        missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            _remove_folders(created)
-            raise InputError(f"cannot create output folder {path.parent}: {exc.strerror or exc}; "
-                             "choose another output path") from None
-        created = missing + created
-    return created
-
-
-def _remove_folders(folders: list[Path]) -> None:
-    """Remove folders this command created, deepest first, as long as they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
 def _check_outputs(out_png: Path, out_dng: Path | None, inputs: list[Path]) -> None:
     """Refuse, before any work, outputs that are inputs, the same file twice, or not new/regular files."""
-    for path in (out_png, out_dng):
-        existing = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists()), None) if path else None
-        if existing is not None and not existing.is_dir():
-            raise InputError(f"cannot create output folder {path.parent}: {existing} is not a folder; "
-                             "choose another output path")
+    check_parent(out_png, "-o")
     check_output(out_png, inputs, "-o")
     if out_dng is not None:
         if os.path.abspath(out_dng) == os.path.abspath(out_png):
             raise InputError(f"--dng {out_dng} is the same file as -o; name two different files")
+        check_parent(out_dng, "--dng")
         check_output(out_dng, inputs, "--dng")
 
 
@@ -177,17 +151,13 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
         written = dataclasses.replace(meta, width=int(dn.shape[1]), height=int(dn.shape[0]), exposure_time=exposure)
 
     # both outputs or neither: each goes to a temporary file first; nothing existing is removed on failure
-    created = _make_folders([out_png] + ([out_dng] if out_dng is not None else []))
     meta_out = None
-    try:
+    with new_folders([p.parent for p in (out_png, out_dng) if p is not None], "-o/--dng"):
         with atomic_output(out_png, inputs, "-o") as png_tmp:
             write_png(png_tmp, picture, bits=bits)
             if out_dng is not None:
                 with atomic_output(out_dng, inputs + [out_png], "--dng") as dng_tmp:
                     meta_out = isp.write_dng(dng_tmp, dn, written)
-    except BaseException:
-        _remove_folders(created)
-        raise
     return {"ratio": value, "ratio_source": how, "shape": (height, width), "seconds": time.perf_counter() - started,
             "used_ema": used_ema, "step": step, "meta_out": meta_out, "tile": tile_size, "overlap": overlap_size}
 
