@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from rawrestore.errors import InputError
 
 
-def check_parent(path: Path, option: str) -> None:
-    """InputError when `path`'s folder cannot be made because a file lies where a folder is needed."""
-    existing = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists()), None)
+def check_folder(folder: Path, option: str) -> None:
+    """InputError when `folder` cannot be made because something that is not a folder lies on its way."""
+    existing = next((f for f in (folder, *folder.parents) if os.path.lexists(f)), None)
     if existing is not None and not existing.is_dir():
-        raise InputError(f"{option} {path}: cannot create output folder {path.parent}: {existing} is not a folder; "
+        raise InputError(f"{option}: cannot create output folder {folder}: {existing} is not a folder; "
                          "choose another path")
 
 
@@ -49,4 +50,4 @@ def new_folders(folders: Iterable[Path], option: str) -> Iterator[list[Path]]:
         raise
 
 
-__all__ = ["check_parent", "make_folders", "remove_empty", "new_folders"]
+__all__ = ["check_folder", "make_folders", "remove_empty", "new_folders"]

@@ -33,7 +33,7 @@ from isp.safeio import atomic_output, check_output
 from rawrestore.config.bounds import preview
 from rawrestore.config import ExperimentConfig, apply_overrides, from_dict, load_config
 from rawrestore.errors import ConfigError, InputError
-from rawrestore.folders import check_parent, new_folders
+from rawrestore.folders import check_folder, new_folders
 from rawrestore.physics.align import align_exposure, exposure_ratio
 from rawrestore.ensemble import restore
 
@@ -60,12 +60,12 @@ def resolve_ratio(meta: isp.CameraMeta, ratio: float | None, reference_exposure_
 
 def _check_outputs(out_png: Path, out_dng: Path | None, inputs: list[Path]) -> None:
     """Refuse, before any work, outputs that are inputs, the same file twice, or not new/regular files."""
-    check_parent(out_png, "-o")
+    check_folder(out_png.parent, "-o")
     check_output(out_png, inputs, "-o")
     if out_dng is not None:
         if os.path.abspath(out_dng) == os.path.abspath(out_png):
             raise InputError(f"--dng {out_dng} is the same file as -o; name two different files")
-        check_parent(out_dng, "--dng")
+        check_folder(out_dng.parent, "--dng")
         check_output(out_dng, inputs, "--dng")
 
 

@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Sequence
 
 from isp.safeio import check_output
 from rawrestore.errors import DataError, InputError
-from rawrestore.folders import new_folders
+from rawrestore.folders import check_folder, new_folders
 from rawrestore.physics.align import SID_RATIO_CAP, exposure_ratio
 
 CAMERAS: dict[str, str] = {"sony": "Sony", "fuji": "Fuji"}  # manifest name -> SID folder / list prefix
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     lists = Path(args.lists).expanduser() if args.lists is not None else root
     inputs = [lists / sid_list_name(args.camera, split) for split in SPLITS]
     targets = {split: out_dir / f"sid_{args.camera}_{split}.csv" for split in splits}
-    _check_out_dir(out_dir)
+    check_folder(out_dir, "--out")
     for target in targets.values():  # all refused before any is written
         check_output(target, inputs, "manifest")
     with new_folders([out_dir], "--out"):
@@ -385,16 +385,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"summary: all {total} files of {pairs} pairs present and readable; manifests written to {out_dir}")
     return 0
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """InputError when --out is, or lies under, something that is not a folder."""
-    existing = next((folder for folder in (out_dir, *out_dir.parents) if folder.exists() or folder.is_symlink()), None)
-    if existing is not None and not existing.is_dir():
-        what = "is" if existing == out_dir else f"lies under {existing}, which is"
-        raise InputError(f"--out {out_dir} {what} not a folder; name a folder for the CSV manifests")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out_dir}: {existing} is not writable; choose another folder")
 
 
 def _row_to_record(row: list[str], where: str) -> PairRecord:

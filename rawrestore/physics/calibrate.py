@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     """Fit the kernel over the manifest's pairs and write it to --out. -> exit code 0."""
     from isp.safeio import check_output, write_bytes
     from rawrestore.data.manifest import resolve_inside  # the one dataset-root rule
-    from rawrestore.folders import check_parent, new_folders
+    from rawrestore.folders import check_folder, new_folders
     from rawrestore.physics.align import align_exposure
     from rawrestore.physics.crosstalk import site_energy
 
@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_pairs is not None and args.max_pairs < 1:
         raise InputError(f"--max-pairs must be >= 1, got {args.max_pairs}")
     root = Path(args.root) if args.root is not None else manifest.resolve().parent
-    check_parent(out, "--out")
+    check_folder(out.parent, "--out")
     check_output(out, [manifest], "--out")
     rows = _read_rows(manifest, args.max_pairs)
     inputs: list[Path] = [manifest]

@@ -36,6 +36,7 @@ import torch
 
 from isp.safeio import check_output
 from rawrestore.errors import InputError
+from rawrestore.memory import available_memory
 
 __all__ = [
     "FORMAT", "CHECKPOINT_DIR", "LAST", "BEST", "CheckpointError", "periodic_name", "checkpoint_dir",
@@ -172,18 +173,6 @@ def verify_checkpoint(path: str | os.PathLike) -> tuple[bool, str]:
     return True, "sha256 ok"
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available now (MemAvailable), or None where that cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_expansion(path: str | os.PathLike) -> int:
     """What loading a checkpoint would hold in memory, checked before loading it. -> bytes.
 
@@ -201,7 +190,7 @@ def check_expansion(path: str | os.PathLike) -> int:
     if total > _MAX_EXPANSION * size + _EXPANSION_SLACK:
         raise CheckpointError(f"checkpoint {path} would expand from {size / 2**20:.1f} MiB on disk to {total / 2**20:.1f} MiB "
                               "in memory (compressed entries; rawrestore writes checkpoints uncompressed): refused unread")
-    available = _available_memory()
+    available = available_memory()
     if available is not None and total > available:
         raise CheckpointError(f"checkpoint {path} needs {total / 2**30:.2f} GiB of memory but {available / 2**30:.2f} GiB "
                               "is available; free memory or load it on a larger machine")
