@@ -30,7 +30,6 @@ import torch
 import isp
 from isp.png import write_png
 from isp.safeio import atomic_output, check_output
-from rawrestore.config.bounds import preview
 from rawrestore.config import ExperimentConfig, apply_overrides, from_dict, load_config
 from rawrestore.errors import ConfigError, InputError
 from rawrestore.folders import check_folder, new_folders
@@ -183,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     """Restore INPUT; prints what was written."""
     extra = [text for text in args.overrides if "=" not in text]
     if extra:
-        raise InputError(f"infer restores one file: INPUT is {args.input}, and {preview(extra[0])} is neither an option "
+        raise InputError(f"infer restores one file: INPUT is {args.input}, and '{extra[0][:300]}' is neither an option "
                          "nor a key=value override; run infer once per file")
     cfg = _config_for(args.checkpoint, args.config, args.overrides)
     result = restore_file(args.input, args.checkpoint, args.out, cfg, ratio=args.ratio,
