@@ -95,14 +95,18 @@ def _config_for(checkpoint: str | os.PathLike, config: str | None, overrides: li
 def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png: str | os.PathLike,
                  cfg: ExperimentConfig, ratio: float | None = None,
                  reference_exposure_s: float = DEFAULT_REFERENCE_EXPOSURE_S, out_dng: str | os.PathLike | None = None,
-                 tile: int | None = None, overlap: int | None = None, bits: int = 8) -> dict[str, object]:
-    """Restore one RAW file; write the PNG (and DNG). -> {ratio, ratio_source, shape, seconds, used_ema, meta_out}."""
+                 tile: int | None = None, overlap: int | None = None, bits: int = 8,
+                 other_inputs: tuple[str | os.PathLike, ...] = ()) -> dict[str, object]:
+    """Restore one RAW file; write the PNG (and DNG). -> {ratio, ratio_source, shape, seconds, used_ema, meta_out}.
+
+    Neither output may be the input, the checkpoint or one of `other_inputs` (a config file).
+    """
     from rawrestore.evaluate import load_model
 
     started = time.perf_counter()
     out_png = Path(out_png)
     out_dng = None if out_dng is None else Path(out_dng)
-    inputs = [Path(path), Path(checkpoint)]
+    inputs = [Path(path), Path(checkpoint), *(Path(p) for p in other_inputs)]
     _check_outputs(out_png, out_dng, inputs)
     device = isp.resolve_device(cfg.device)
     mosaic, meta = isp.read_raw(path)
@@ -187,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config_for(args.checkpoint, args.config, args.overrides)
     result = restore_file(args.input, args.checkpoint, args.out, cfg, ratio=args.ratio,
                           reference_exposure_s=args.reference_exposure, out_dng=args.dng, tile=args.tile,
-                          overlap=args.overlap, bits=args.bits)
+                          overlap=args.overlap, bits=args.bits, other_inputs=(args.config,) if args.config else ())
     height, width = result["shape"]  # type: ignore[misc]
     print(f"infer: {args.input} ({width}x{height}, ratio {result['ratio']:g} from {result['ratio_source']}) -> {args.out}"
           + (f" and {args.dng}" if args.dng else "")

@@ -87,14 +87,15 @@ def test_infer_never_replaces_what_is_not_a_regular_file(option, kind, says, dat
 
 
 @pytest.mark.parametrize("option", ["-o", "--dng"])
-@pytest.mark.parametrize("which", ["input", "checkpoint"])
+@pytest.mark.parametrize("which", ["input", "checkpoint", "config"])
 def test_infer_never_overwrites_its_own_inputs(option, which, data_root, checkpoint, tmp_path, capfd):
-    target = data_root / INPUT if which == "input" else checkpoint
+    config = checkpoint.parents[2] / "tiny.yaml"  # the file the checkpoint was trained from
+    target = {"input": data_root / INPUT, "checkpoint": checkpoint, "config": config}[which]
     args = ["-o", str(target)] if option == "-o" else ["-o", str(tmp_path / "x.png"), "--dng", str(target)]
-    before = snapshot(data_root / "Sony", checkpoint.parent, tmp_path)
-    line = one_line_error(capfd, infer(data_root, checkpoint, *args))
+    before = snapshot(data_root / "Sony", checkpoint.parents[2], tmp_path)
+    line = one_line_error(capfd, infer(data_root, checkpoint, "-c", str(config), *args))
     assert f"{option} {target} is one of this command's inputs; refusing to overwrite it" in line
-    assert snapshot(data_root / "Sony", checkpoint.parent, tmp_path) == before
+    assert snapshot(data_root / "Sony", checkpoint.parents[2], tmp_path) == before
 
 
 def test_infer_png_and_dng_the_same_file(data_root, checkpoint, tmp_path, capfd):
