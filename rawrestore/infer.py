@@ -14,6 +14,11 @@ is the reference exposure (input exposure x ratio when --ratio was given).
 
 The model config comes from the checkpoint (the resolved config saved in it); `-c CFG` uses a
 file instead, and key=value overrides apply on top of either.
+
+The outputs are checked before any work (`isp.safeio`: a new path or a regular file, never the
+input, the checkpoint or the config) and written through temporary files, so both appear or
+neither and nothing that was there is removed; a ratio that makes the image non-finite or clips
+every pixel is an error, not an all-black PNG.
 """
 from __future__ import annotations
 
