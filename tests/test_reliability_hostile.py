@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 import time
 import zipfile
@@ -239,6 +240,22 @@ def test_deflated_checkpoint_is_refused_before_it_expands(data_root, checkpoint,
     assert f"checkpoint {hostile} would expand from 1." in line and "MiB in memory (compressed entries" in line
     assert "refused unread" in line
     assert snapshot(tmp_path) == before
+
+
+def test_checkpoint_far_larger_than_its_model_is_refused(data_root, checkpoint, tmp_path, capfd):
+    state = torch.load(checkpoint, weights_only=True)
+    state["padding"] = torch.zeros(5 << 20)  # 20 MiB beside a model of a few kB
+    hostile = tmp_path / "padded.pt"
+    torch.save(state, hostile)
+    before = snapshot(tmp_path)
+    line = one_line_error(capfd, infer(data_root, hostile, "-o", str(tmp_path / "x.png")))
+    assert re.search(rf"checkpoint {re.escape(str(hostile))} holds 2\d\.\d MiB of tensors for a model of 0\.\d MiB", line)
+    assert "refused before loading it whole" in line
+    assert snapshot(tmp_path) == before
+    del state["padding"]
+    state["optimizer_copy"] = state["model"]  # a few model-sized extras (EMA, moments) stay within the bound
+    torch.save(state, tmp_path / "fine.pt")
+    ckpt.check_tensor_sizes(tmp_path / "fine.pt")
 
 
 def test_synth_size_is_checked_against_memory_first(tmp_path, capfd):

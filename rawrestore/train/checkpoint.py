@@ -42,6 +42,7 @@ __all__ = [
     "FORMAT", "CHECKPOINT_DIR", "LAST", "BEST", "CheckpointError", "periodic_name", "checkpoint_dir",
     "save_checkpoint", "verify_checkpoint", "load_checkpoint", "find_resume", "rng_state", "set_rng_state",
     "sha256_file", "inference_weights", "clean_temporaries", "check_expansion",
+    "check_tensor_sizes",
 ]
 
 FORMAT = 1
@@ -54,6 +55,8 @@ _HASH_CHUNK = 1 << 20
 # torch.save stores entries uncompressed: what a checkpoint expands to is about its size on disk
 _MAX_EXPANSION = 1.25
 _EXPANSION_SLACK = 1 << 20
+_MAX_STATE_PER_MODEL = 5  # model + EMA + two Adam moments, and room to spare
+_STATE_SLACK = 16 << 20  # RNG states (a few kB each), the loss weights, the sampler
 
 
 class CheckpointError(InputError):
@@ -197,6 +200,42 @@ def check_expansion(path: str | os.PathLike) -> int:
     return total
 
 
+def _tensor_bytes(tree: Any, limit: int = 1_000_000) -> int:
+    """Bytes of every tensor in a nested state (dicts, lists, tuples), walking at most `limit` values."""
+    total, stack, seen = 0, [tree], 0
+    while stack and seen < limit:
+        value = stack.pop()
+        seen += 1
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
+
+
+def check_tensor_sizes(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose tensors are far larger than its model's own (EMA, Adam moments and RNG allowed).
+
+    Read memory-mapped, so nothing is loaded whole; a legacy (non-zip) file is bounded by its size already.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not mmap-able (legacy format) or unreadable: load_checkpoint reports the latter
+        return
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        return
+    model = _tensor_bytes(state["model"])
+    total = _tensor_bytes(state)
+    allowed = _MAX_STATE_PER_MODEL * model + _STATE_SLACK
+    if total > allowed:
+        raise CheckpointError(f"checkpoint {path} holds {total / 2**20:.1f} MiB of tensors for a model of {model / 2**20:.1f} MiB "
+                              f"(at most {_MAX_STATE_PER_MODEL}x the model + {_STATE_SLACK >> 20} MiB: weights, EMA, "
+                              "optimizer moments, RNG states); refused before loading it whole")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
     """Read a checkpoint with torch.load(weights_only=True) after checking its sha256. -> the state dict.
 
@@ -210,6 +249,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if not ok:
             raise CheckpointError(f"checkpoint {path} is unusable: {reason}; use another file in {path.parent}")
     check_expansion(path)
+    check_tensor_sizes(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
