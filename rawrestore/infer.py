@@ -14,6 +14,11 @@ is the reference exposure (input exposure x ratio when --ratio was given).
 
 The model config comes from the checkpoint (the resolved config saved in it); `-c CFG` uses a
 file instead, and key=value overrides apply on top of either.
+
+The outputs are checked before any work (`isp.safeio`: a new path or a regular file, never the
+input, the checkpoint or the config) and written through temporary files, so both appear or
+neither and nothing that was there is removed; a ratio that makes the image non-finite or clips
+every pixel is an error, not an all-black PNG.
 """
 from __future__ import annotations
 
@@ -29,8 +34,10 @@ import torch
 
 import isp
 from isp.png import write_png
+from isp.safeio import atomic_output, check_output
 from rawrestore.config import ExperimentConfig, apply_overrides, from_dict, load_config
 from rawrestore.errors import ConfigError, InputError
+from rawrestore.folders import check_folder, new_folders
 from rawrestore.physics.align import align_exposure, exposure_ratio
 from rawrestore.ensemble import restore
 from rawrestore.protocols import render_picture
@@ -56,12 +63,26 @@ def resolve_ratio(meta: isp.CameraMeta, ratio: float | None, reference_exposure_
     return value, f"{reference_exposure_s:g} s / {meta.exposure_time:g} s" + (f" capped at {cap:g}" if value == cap else "")
 
 
-def _make_folder(path: Path) -> None:
-    """Create the folder an output file goes to; InputError naming it when that is impossible."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder {path.parent}: {exc.strerror or exc}; choose another output path") from None
+def _check_outputs(out_png: Path, out_dng: Path | None, inputs: list[Path]) -> None:
+    """Refuse, before any work, outputs that are inputs, the same file twice, or not new/regular files."""
+    check_folder(out_png.parent, "-o")
+    check_output(out_png, inputs, "-o")
+    if out_dng is not None:
+        if os.path.abspath(out_dng) == os.path.abspath(out_png):
+            raise InputError(f"--dng {out_dng} is the same file as -o; name two different files")
+        check_folder(out_dng.parent, "--dng")
+        check_output(out_dng, inputs, "--dng")
+
+
+def _check_finite(tensor: torch.Tensor, ratio: float, what: str) -> None:
+    """InputError when the ratio made the image non-finite or clipped every pixel to one value."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise InputError(f"exposure ratio {ratio:g} makes the {what} non-finite (float32 overflow); "
+                         "give a ratio the model was trained for (SID: 100 to 300)")
+    if what == "restored image" and (float(tensor.max()) <= 0.0 or float(tensor.min()) >= 1.0):
+        shade = "black" if float(tensor.max()) <= 0.0 else "white"
+        raise InputError(f"the restored image is entirely {shade} (every pixel clipped) at exposure ratio {ratio:g}; "
+                         "nothing was written: give a ratio the model was trained for (SID: 100 to 300)")
 
 
 def _config_for(checkpoint: str | os.PathLike, config: str | None, overrides: list[str]) -> ExperimentConfig:
@@ -80,11 +101,19 @@ def _config_for(checkpoint: str | os.PathLike, config: str | None, overrides: li
 def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png: str | os.PathLike,
                  cfg: ExperimentConfig, ratio: float | None = None,
                  reference_exposure_s: float = DEFAULT_REFERENCE_EXPOSURE_S, out_dng: str | os.PathLike | None = None,
-                 tile: int | None = None, overlap: int | None = None, bits: int = 8) -> dict[str, object]:
-    """Restore one RAW file; write the PNG (and DNG). -> {ratio, ratio_source, shape, seconds, used_ema, meta_out}."""
+                 tile: int | None = None, overlap: int | None = None, bits: int = 8,
+                 other_inputs: tuple[str | os.PathLike, ...] = ()) -> dict[str, object]:
+    """Restore one RAW file; write the PNG (and DNG). -> {ratio, ratio_source, shape, seconds, used_ema, meta_out}.
+
+    Neither output may be the input, the checkpoint or one of `other_inputs` (a config file).
+    """
     from rawrestore.evaluate import load_model
 
     started = time.perf_counter()
+    out_png = Path(out_png)
+    out_dng = None if out_dng is None else Path(out_dng)
+    inputs = [Path(path), Path(checkpoint), *(Path(p) for p in other_inputs)]
+    _check_outputs(out_png, out_dng, inputs)
     device = isp.resolve_device(cfg.device)
     mosaic, meta = isp.read_raw(path)
     period = meta.cfa_period
@@ -98,35 +127,28 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
     height, width = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
     mosaic = mosaic[:height, :width]
     model, step, used_ema = load_model(cfg, checkpoint, device)
-    out_png = Path(out_png)
-    for target in (out_png, None if out_dng is None else Path(out_dng)):
-        if target is not None:
-            _make_folder(target)
 
     cfa = torch.as_tensor(meta.cfa_array, device=device)
     black = torch.tensor(meta.black_level, dtype=torch.float32, device=device)
     raw = torch.from_numpy(mosaic.astype(np.float32)).to(device)[None, None]
     aligned = align_exposure(isp.ops.normalize(raw, black, meta.white_level), value, clip=cfg.data.clip_aligned)
     del raw
+    _check_finite(aligned, value, "aligned input")
     model_input = isp.cfa.pack(aligned, cfa) if cfg.data.packed else aligned
     del aligned
     tile_size = tile if tile is not None else (cfg.eval.tile or DEFAULT_TILE)
     overlap_size = overlap if overlap is not None else (cfg.eval.overlap if cfg.eval.tile else 32)
-    restored = restore(model, model_input, cfa, tile_size, overlap_size, cfg.eval.self_ensemble, cfg.data.packed).clamp_(0.0, 1.0)
+    restored = restore(model, model_input, cfa, tile_size, overlap_size, cfg.eval.self_ensemble, cfg.data.packed)
     del model_input
+    _check_finite(restored.clamp(0.0, 1.0), value, "restored image")
+    restored.clamp_(0.0, 1.0)
     restored_mosaic = isp.cfa.unpack(restored, cfa) if cfg.data.packed else restored
     del restored
 
     srgb = render_picture(cfg.eval.protocol, restored_mosaic, meta, path)  # rawrestore.protocols: eval's renderer
     picture = srgb[0].permute(1, 2, 0).cpu().numpy()
     del srgb
-    try:
-        write_png(out_png, picture, bits=bits)
-    except OSError as exc:
-        raise InputError(f"cannot write {out_png}: {exc.strerror or exc}") from None
-    del picture
-
-    meta_out = None
+    dn = written = None
     if out_dng is not None:
         dn = isp.ops.denormalize(restored_mosaic, black, meta.white_level)
         dn = torch.round(dn).clamp_(0.0, float(meta.white_level))[0, 0].cpu().numpy().astype(np.uint16)
@@ -135,13 +157,15 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
         else:
             exposure = meta.exposure_time * value if meta.exposure_time else None
         written = dataclasses.replace(meta, width=int(dn.shape[1]), height=int(dn.shape[0]), exposure_time=exposure)
-        try:
-            meta_out = isp.write_dng(out_dng, dn, written)
-        except (OSError, InputError) as exc:
-            out_png.unlink(missing_ok=True)  # both outputs or neither
-            if isinstance(exc, InputError):
-                raise
-            raise InputError(f"cannot write {out_dng}: {exc.strerror or exc}") from None
+
+    # both outputs or neither: each goes to a temporary file first; nothing existing is removed on failure
+    meta_out = None
+    with new_folders([p.parent for p in (out_png, out_dng) if p is not None], "-o/--dng"):
+        with atomic_output(out_png, inputs, "-o") as png_tmp:
+            write_png(png_tmp, picture, bits=bits)
+            if out_dng is not None:
+                with atomic_output(out_dng, inputs + [out_png], "--dng") as dng_tmp:
+                    meta_out = isp.write_dng(dng_tmp, dn, written)
     return {"ratio": value, "ratio_source": how, "shape": (height, width), "seconds": time.perf_counter() - started,
             "used_ema": used_ema, "step": step, "meta_out": meta_out, "tile": tile_size, "overlap": overlap_size}
 
@@ -165,10 +189,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Restore INPUT; prints what was written."""
+    extra = [text for text in args.overrides if "=" not in text]
+    if extra:
+        raise InputError(f"infer restores one file: INPUT is {args.input}, and '{extra[0][:300]}' is neither an option "
+                         "nor a key=value override; run infer once per file")
     cfg = _config_for(args.checkpoint, args.config, args.overrides)
     result = restore_file(args.input, args.checkpoint, args.out, cfg, ratio=args.ratio,
                           reference_exposure_s=args.reference_exposure, out_dng=args.dng, tile=args.tile,
-                          overlap=args.overlap, bits=args.bits)
+                          overlap=args.overlap, bits=args.bits, other_inputs=(args.config,) if args.config else ())
     height, width = result["shape"]  # type: ignore[misc]
     print(f"infer: {args.input} ({width}x{height}, ratio {result['ratio']:g} from {result['ratio_source']}) -> {args.out}"
           + (f" and {args.dng}" if args.dng else "")

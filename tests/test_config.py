@@ -235,3 +235,74 @@ def test_from_dict_defaults_and_validation():
     assert from_dict({}) == ExperimentConfig()
     with pytest.raises(ConfigError, match=r"'loss' needs at least one term"):
         from_dict({"loss": {name: {"weight": 0.0} for name in ExperimentConfig().loss.terms()}})
+
+
+# ------------------------------------------------------------ hostile or careless config files
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))  # 9^9 = 387M values
+
+
+@pytest.mark.parametrize("content,expected", [
+    (ALIAS_BOMB.encode(), "expands to more than 20000 values"),
+    (("a: " + "[" * 3000 + "]" * 3000 + "\n").encode(), "line 1 nested deeper than 32 levels"),
+    ("seed: 1\n# caf\u00e9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 13)"),
+    (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), "a binary file, not a YAML config"),
+    (b"seed: " + b"7" * 5000 + b"\n", "a value cannot be read (ValueError"),
+    (b"# " + b"x" * (1 << 20) + b"\n", "is not a config (at most 1048576)"),
+    (b"a: &r [*r]\n", "nested deeper than 32 levels"),  # a list that contains itself
+])
+def test_hostile_config_files_are_one_short_error(tmp_path, content, expected):
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:") and expected in message
+    assert "\n" not in message and len(message) < 300
+
+
+def test_values_in_messages_are_short_previews(tmp_path):
+    path = write(tmp_path / "c.yaml", "train:\n  iterations: [" + ", ".join(["123456789"] * 5000) + "]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "config key 'train.iterations' expects int, got [123456789, 123456789" in message and len(message) < 300
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIGS / "demo.yaml", ["output_dir=" + "x" * 100000, "train.lr=" + "9" * 100000])
+    assert len(str(caught.value)) < 300
+
+
+def test_a_shortened_run_scales_its_schedule_with_one_line(capsys):
+    demo = load_config(CONFIGS / "demo.yaml", ["train.iterations=20"])
+    assert (demo.train.warmup_iters, demo.train.val_every, demo.train.ckpt_every) == (0, 5, 5)  # 50, 500, 500 x 20/2200
+    sony = load_config(CONFIGS / "sid_sony.yaml", ["train.iterations=20"])
+    assert sony.train.step_milestones == [10] and (sony.train.val_every, sony.train.ckpt_every) == (1, 2)  # 322000/644000
+    fuji = load_config(CONFIGS / "sid_fuji.yaml", ["train.iterations=20"])
+    assert fuji.train.step_milestones == [10]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0] == ("config: train.iterations=20 shortens the run from 2200; scaled by 20/2200: "
+                                            "warmup_iters 50 -> 0, val_every 500 -> 5, ckpt_every 500 -> 5")
+    kept = load_config(CONFIGS / "demo.yaml", ["train.iterations=20", "train.val_every=7"])  # a key given is kept
+    assert (kept.train.val_every, kept.train.ckpt_every) == (7, 5)
+    assert load_config(CONFIGS / "demo.yaml", ["train.iterations=1000"]).train.val_every == 500  # fits: unchanged
+    capsys.readouterr()
+    assert load_config(CONFIGS / "demo.yaml", ["train.iterations=1000"]).train.warmup_iters == 50
+    assert capsys.readouterr().out == ""
+
+
+def test_a_short_run_written_in_the_file_is_still_an_error(tmp_path):
+    path = write(tmp_path / "short.yaml", "train: {iterations: 20, warmup_iters: 50}\n")
+    with pytest.raises(ConfigError, match=r"train.warmup_iters' must be in \[0, iterations=20\), got 50"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "fixed"])
+def test_ms_ssim_on_small_crops_fails_at_the_config_check(weighting):
+    overrides = ["loss.ms_ssim.weight=0.1", f"loss.weighting={weighting}", "data.crop_size=256"]
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIGS / "demo.yaml", overrides)  # half renders: 128 px, under MS-SSIM's 161
+    assert "config key 'data.crop_size' gives 128-pixel renders" in str(caught.value)
+    assert "'loss.ms_ssim'" in str(caught.value) and "data.crop_size >= 322" in str(caught.value)
+    assert load_config(CONFIGS / "demo.yaml", overrides[:2] + ["data.crop_size=322"]).data.crop_size == 322
+    assert load_config(CONFIGS / "demo.yaml", overrides + ["loss.ms_ssim.fallback=true"]).loss.ms_ssim.fallback

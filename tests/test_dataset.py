@@ -164,12 +164,14 @@ def test_shipped_manifest_names_missing_files(tmp_path):
 
 def test_synthetic_noise_skips_short_files_and_makes_plausible_inputs(sony_set, tmp_path):
     records = [record("Sony/short/00001_00_0.1s.dng", "Sony/long/00001_00_10s.dng")]
-    (tmp_path / "Sony/long").mkdir(parents=True)  # only the long exposure: the short one is never read
-    os.symlink(sony_set / "Sony/long/00001_00_10s.dng", tmp_path / "Sony/long/00001_00_10s.dng")
+    for rel in (records[0].short, records[0].long):  # the short file must exist (its header is checked), never decoded
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(sony_set / rel, tmp_path / rel)
     ds = SIDPairDataset(records, tmp_path, "sony", crop_size=64, augment=False, synthetic_noise=True,
                         cache_dir=tmp_path / "cache")
+    ds.prepare(progress=False)
     batch = next(iter(DataLoader(ds, batch_size=1)))
-    assert "input" not in batch
+    assert "input" not in batch and ds.cache.decodes == 1  # only the long exposure was decoded
     dark = synthesize_input(batch, torch.Generator().manual_seed(0), clip=False)
     assert dark.shape == batch["target"].shape
     # the real short exposure of this scene and the synthetic one agree on average brightness once

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import isp
 from rawrestore.data import manifest
 from rawrestore.data.manifest import (
     CSV_COLUMNS,
@@ -221,9 +222,7 @@ def test_cli_rejects_escaping_list_with_one_line_error(tmp_path, capsys):
 
 
 def test_cli_real_reader_reports_junk_as_unreadable(tmp_path, capsys):
-    pytest.importorskip("rawpy")
-    if manifest.default_raw_reader() is None:
-        pytest.skip("isp.read_raw not available")
+    assert manifest.default_raw_reader() is isp.read_raw  # rawpy and isp are dependencies: never skipped
     root = _fake_root(tmp_path)
     args = argparse.Namespace(root=str(root), camera="sony", lists=None, out=str(tmp_path / "o"), exists_only=False)
     assert manifest.run(args) == 2

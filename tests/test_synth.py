@@ -207,3 +207,19 @@ def test_grey_sources_are_tinted_per_scene_and_colour_photos_untouched():
     assert "duotone" not in info and photo.shape == (64, 64, 3)
     view, _ = synth.random_view(synth.load_photo("coffee"), 64, np.random.default_rng(0))
     np.testing.assert_array_equal(photo, view)
+
+
+def test_force_knows_the_list_files_of_an_older_truth_json(tmp_path):
+    """truth.json of older runs has no "lists": a list file is synth's when every path on it is one truth.json records."""
+    synth.generate(tmp_path, "sony", 3, 0, 48, progress=False)
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert truth.pop("lists") == ["Sony_train_list.txt", "Sony_val_list.txt", "Sony_test_list.txt"]
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    synth.generate(tmp_path, "sony", 3, 1, 48, progress=False, force=True)  # its own lists: replaced
+    truth.pop("lists", None)
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    user_lines = "./Sony/short/00001_00_0.1s.ARW ./Sony/long/00001_00_10s.ARW ISO200 F8\n"
+    (tmp_path / "Sony_val_list.txt").write_text(user_lines)  # the user's list now: never overwritten
+    with pytest.raises(InputError, match="holds Sony_val_list.txt that synth did not write"):
+        synth.generate(tmp_path, "sony", 3, 2, 48, progress=False, force=True)
+    assert (tmp_path / "Sony_val_list.txt").read_text() == user_lines

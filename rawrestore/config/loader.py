@@ -16,9 +16,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+import sys
+
 import yaml
 
-from rawrestore.config.schema import ExperimentConfig
+from rawrestore.config.bounds import check_tree, load_yaml, preview, read_config_text
+from rawrestore.config.schema import ExperimentConfig, TrainConfig
 from rawrestore.errors import ConfigError
 
 T = TypeVar("T")
@@ -45,7 +48,7 @@ def _describe(tp: Any) -> str:
 
 
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(f"config key '{key}' expects {_describe(tp)}, got {value!r} ({type(value).__name__})")
+    return ConfigError(f"config key '{key}' expects {_describe(tp)}, got {preview(value)} ({type(value).__name__})")
 
 
 def _unknown_key(key: str, name: str, known: Iterable[str]) -> ConfigError:
@@ -86,7 +89,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value in choices:
             return value
         raise ConfigError(
-            f"config key '{key}' must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+            f"config key '{key}' must be one of {', '.join(repr(c) for c in choices)}, got {preview(value)}"
         )
     if origin is list:
         (item_type,) = typing.get_args(tp)
@@ -153,6 +156,7 @@ def from_dict(tree: Mapping[str, Any], cls: type[T] = ExperimentConfig) -> T:  #
     """Nested mapping -> validated config of type `cls`; unknown keys, wrong types, bad values raise."""
     if not isinstance(tree, Mapping):
         raise ConfigError(f"a config must be a mapping of keys, got {type(tree).__name__}")
+    check_tree(tree, "config")
     config = _build(cls, tree)
     config.validate()  # type: ignore[attr-defined]
     return config
@@ -194,11 +198,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read ({error.strerror or error})") from None
+    tree = load_yaml(read_config_text(data, str(path)), str(path))
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -217,7 +220,7 @@ def load_tree(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{path}: 'base' must be a path or a list of paths, got {bases!r}")
+        raise ConfigError(f"{path}: 'base' must be a path or a list of paths, got {preview(bases)}")
     _check_keys(tree, ExperimentConfig, "", str(path))
     merged: dict[str, Any] = {}
     for base in bases:
@@ -270,15 +273,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     """
     key, sep, raw = text.partition("=")
     key = key.strip()
-    source = f"override {text!r}"
+    source = f"override {preview(text)}"
     if not sep or not key:
         raise ConfigError(f"{source}: expected key=value with a dotted key, e.g. train.iterations=100")
     tp = _override_type(key, source)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        if not _accepts_str(tp):
-            raise ConfigError(f"{source}: value {raw!r} is not valid YAML") from None
+        value = load_yaml(raw, source) if raw.strip() else None
+    except ConfigError:
+        if not _accepts_str(tp) or len(raw) > 4096:
+            raise
         value = raw
     if isinstance(value, (bool, int, float)) and _accepts_str(tp) and not _accepts_non_str_scalar(tp):
         value = raw.strip()
@@ -310,25 +313,91 @@ def apply_overrides(tree: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
     return updated
 
 
+def _train_value(tree: Mapping[str, Any], name: str) -> Any:
+    section = tree.get("train")
+    if isinstance(section, Mapping) and name in section:
+        return section[name]
+    return _field_default(TrainConfig, name)
+
+
+def _scaled(value: int, scale: float, lowest: int) -> int:
+    return max(lowest, int(round(value * scale)))
+
+
+def fit_schedule(file_tree: Mapping[str, Any], tree: Mapping[str, Any], overridden: Iterable[str] = (),
+                 report: Any = print) -> dict[str, Any]:
+    """Scale the schedule counts of a run shortened by an override, so a smoke test needs one key.
+
+    When `train.iterations` in `tree` is below the file's and warmup_iters, a step milestone,
+    val_every or ckpt_every no longer fits in the run, every one of those four that was not
+    overridden itself is multiplied by iterations / the file's iterations (rounded; warm-up
+    below the run, milestones inside it, cadences >= 1 unless 0) and one line says so.
+    Anything else (wrong types, a short run written in the file) is left for validation.
+    """
+    tree = dict(tree)
+    short, full = _train_value(tree, "iterations"), _train_value(file_tree, "iterations")
+    names = ("warmup_iters", "step_milestones", "val_every", "ckpt_every")
+    values = {name: _train_value(tree, name) for name in names}
+    if not (type(short) is int and type(full) is int and 1 <= short < full):
+        return tree
+    if not all(type(v) is int for k, v in values.items() if k != "step_milestones") or not (
+            isinstance(values["step_milestones"], list) and all(type(m) is int for m in values["step_milestones"])):
+        return tree
+    fits = (values["warmup_iters"] < short and all(m < short for m in values["step_milestones"])
+            and values["val_every"] <= short and values["ckpt_every"] <= short)
+    if fits:
+        return tree
+    scale = short / full
+    changed = []
+    train = dict(tree.get("train") or {})
+    for name in names:
+        if f"train.{name}" in overridden:
+            continue
+        old = values[name]
+        if name == "warmup_iters":
+            new: Any = min(_scaled(old, scale, 0), short - 1)
+        elif name == "step_milestones":
+            new = sorted({min(max(_scaled(m, scale, 1), 1), short - 1) for m in old if short > 1})
+        else:
+            new = 0 if old == 0 else _scaled(old, scale, 1)
+        if new != old:
+            train[name] = new
+            changed.append(f"{name} {preview(old)} -> {preview(new)}")
+    tree["train"] = train
+    if changed:
+        report(f"config: train.iterations={short} shortens the run from {full}; scaled by {short}/{full}: "
+               + ", ".join(changed))
+    return tree
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment (with its `base:` fragments), apply overrides, type-check, validate."""
+    """Read a YAML experiment (with its `base:` fragments), apply overrides, type-check, validate.
+
+    A run shortened by an override of train.iterations gets its schedule counts scaled (`fit_schedule`).
+    """
     if isinstance(overrides, str):
         overrides = [overrides]
-    tree = apply_overrides(load_tree(path), overrides)
+    overrides = list(overrides)
+    file_tree = load_tree(path)
+    tree = apply_overrides(file_tree, overrides)
+    overridden = {text.partition("=")[0].strip() for text in overrides}
+    tree = fit_schedule(file_tree, tree, overridden)
     return from_dict(tree, ExperimentConfig)
 
 
 def save_resolved(config: ExperimentConfig, path: str | Path) -> Path:
     """Write the fully resolved config as YAML (no `base:`) that load_config reads back equal."""
+    from isp.safeio import write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Resolved experiment config, written by rawrestore; load it with load_config.\n"
     text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
-    path.write_text(header + text, encoding="utf-8")
+    write_bytes(path, (header + text).encode("utf-8"), what="config")
     return path
 
 
 __all__ = [
     "load_config", "load_tree", "apply_overrides", "parse_override", "deep_merge", "from_dict", "to_dict",
-    "save_resolved",
+    "save_resolved", "fit_schedule",
 ]

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Literal
 
+from rawrestore.config.bounds import preview
 from rawrestore.errors import ConfigError
 
 CFA_PERIOD = {"sony": 2, "fuji": 6}  # Bayer 2x2, X-Trans 6x6
@@ -37,7 +38,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 def _require(condition: bool, key: str, message: str, value: object) -> None:
     """Raise ConfigError('<key> <message>, got <value>') unless condition holds."""
     if not condition:
-        raise ConfigError(f"config key '{key}' {message}, got {value!r}")
+        raise ConfigError(f"config key '{key}' {message}, got {preview(value)}")
 
 
 def _validate_children(config: object, key: str) -> None:
@@ -434,6 +435,26 @@ class ExperimentConfig:
         _require(bool(_DEVICE.match(self.device)), f"{prefix}device", "must be auto, cpu, cuda or cuda:N",
                  self.device)
         _require(self.seed >= 0, f"{prefix}seed", "must be >= 0", self.seed)
+        self._check_ms_ssim_crop(prefix)
+
+    def _check_ms_ssim_crop(self, prefix: str) -> None:
+        """Five-scale MS-SSIM needs renders of 161 px a side: check the training crop now, not at step 0."""
+        from rawrestore.losses.srgb import MS_SSIM_MIN_SIZE  # lazy: the loss package imports this module
+
+        term = self.loss.ms_ssim
+        if not term.active or term.fallback:
+            return
+        half = self.loss.render_demosaic == "half"
+        period = self.data.cfa_period
+        side = self.data.crop_size // period if half else self.data.crop_size
+        if side < MS_SSIM_MIN_SIZE:
+            needed = MS_SSIM_MIN_SIZE * period if half else MS_SSIM_MIN_SIZE
+            needed = -(-needed // period) * period
+            raise ConfigError(
+                f"config key '{prefix}data.crop_size' gives {side}-pixel renders "
+                f"(loss.render_demosaic={self.loss.render_demosaic}), too small for the five scales of "
+                f"'{prefix}loss.ms_ssim' (weighting {self.loss.weighting}), which need {MS_SSIM_MIN_SIZE}; "
+                f"use data.crop_size >= {needed} or loss.ms_ssim.fallback: true, got {self.data.crop_size}")
 
 
 __all__ = [

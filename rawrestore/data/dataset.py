@@ -191,6 +191,8 @@ class SIDPairDataset(Dataset):
         OpenMP is not fork-safe, never runs in a forked worker), and no sample pays a decode.
         """
         if not self.cache.enabled:
+            if self.synthetic_noise:
+                self._check_synthetic_pairs()
             return 0
         paths = [p for r in self.records for p in ((r.long,) if self.synthetic_noise else (r.short, r.long))]
         count = self.cache.warm(paths, progress=progress)
@@ -208,9 +210,22 @@ class SIDPairDataset(Dataset):
             if not self.synthetic_noise:
                 self._check_pair(record, self.cache.meta(record.short), long_meta)
             self._check_crop(record.long, long_meta.height, long_meta.width)
+        if self.synthetic_noise:
+            self._check_synthetic_pairs()
+
+    def _check_synthetic_pairs(self) -> None:
+        """With synthetic noise the short files are not decoded, but a pair must still match: sizes from the headers."""
+        sizes: dict[str, tuple[int, int]] = {}
+        for record in self.records:
+            for path in (record.short, record.long):
+                if path not in sizes:
+                    sizes[path] = _header_size(path)
+            if sizes[record.short] != sizes[record.long]:
+                raise DataError(_size_mismatch(record, sizes[record.short], sizes[record.long]))
 
     def _check_files_exist(self) -> None:
-        needed = [p for r in self.records for p in ((r.long,) if self.synthetic_noise else (r.short, r.long))]
+        # the short files too with synthetic noise: the list names them, and validation reads them
+        needed = [p for r in self.records for p in (r.short, r.long)]
         missing = [p for p in dict.fromkeys(needed) if not os.path.isfile(p)]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -225,8 +240,7 @@ class SIDPairDataset(Dataset):
 
     def _check_pair(self, record: PairRecord, short: CameraMeta, long: CameraMeta) -> None:
         if (short.width, short.height) != (long.width, long.height):
-            raise DataError(f"pair size mismatch: {record.short} is {short.width}x{short.height} but {record.long} is "
-                            f"{long.width}x{long.height}; fix the list so both frames come from the same camera")
+            raise DataError(_size_mismatch(record, (short.width, short.height), (long.width, long.height)))
         if (short.make, short.model) != (long.make, long.model) or short.cfa != long.cfa:
             raise DataError(f"pair camera mismatch: {record.short} is '{short.make} {short.model}' (CFA {short.cfa_string()}) "
                             f"but {record.long} is '{long.make} {long.model}' (CFA {long.cfa_string()}); fix the list")
@@ -326,6 +340,25 @@ class SIDPairDataset(Dataset):
         """(1,1,H,W) -> (C,h,w): packed (4 Bayer / 9 X-Trans) or the mosaic itself (C = 1)."""
         out = isp.cfa.pack(mosaic, cfa) if self.packed else mosaic
         return out[0].contiguous()
+
+
+def _size_mismatch(record: PairRecord, short: tuple[int, int], long: tuple[int, int]) -> str:
+    return (f"pair size mismatch: {record.short} is {short[0]}x{short[1]} but {record.long} is {long[0]}x{long[1]}; "
+            "fix the list so both frames come from the same camera")
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) of a RAW file's visible area, from its header alone (nothing is decoded)."""
+    import rawpy
+
+    raw = rawpy.RawPy()
+    try:
+        raw.open_file(str(path))
+        return int(raw.sizes.width), int(raw.sizes.height)
+    except rawpy.LibRawError as exc:
+        raise DataError(f"{path}: not a RAW file LibRaw can read ({type(exc).__name__}); fix the list") from None
+    finally:
+        raw.close()
 
 
 def synthesize_input(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import math
 import os
 import posixpath
@@ -36,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
 
+from isp.safeio import check_output
 from rawrestore.errors import DataError, InputError
+from rawrestore.folders import check_folder, new_folders
 from rawrestore.physics.align import SID_RATIO_CAP, exposure_ratio
 
 CAMERAS: dict[str, str] = {"sony": "Sony", "fuji": "Fuji"}  # manifest name -> SID folder / list prefix
@@ -166,21 +169,33 @@ def select_subset(records: Sequence[PairRecord], subset: str) -> list[PairRecord
     return [r for r in records if (not keep_burst or r.burst == 0) and not (keep_aligned and r.misaligned)]
 
 
-def write_manifest(records: Sequence[PairRecord], csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """Write records as a manifest CSV (CSV_COLUMNS); with `root`, absolute paths are written relative to it."""
+def write_manifest(records: Sequence[PairRecord], csv_path: str | os.PathLike, root: str | os.PathLike | None = None,
+                   inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write records as a manifest CSV (CSV_COLUMNS); with `root`, absolute paths are written relative to it.
+
+    Written atomically through `isp.safeio` to a new path or a regular file that is none of `inputs`;
+    the folder must exist (or be creatable).
+    """
+    from isp.safeio import write_bytes
+
     csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create folder {csv_path.parent} for {csv_path.name}: {exc.strerror or exc}; "
+                         "choose another --out") from None
     base = None if root is None else _root_path(root)
-    with csv_path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for record in records:
-            short, long_ = (_relative_to(p, base) for p in (record.short, record.long))
-            writer.writerow([
-                record.split, f"{record.scene:05d}", f"{record.burst:02d}", short, long_,
-                _number(record.short_exposure_s), _number(record.long_exposure_s), _number(record.ratio),
-                record.iso, _number(record.fnumber), record.camera, "true" if record.misaligned else "false",
-            ])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for record in records:
+        short, long_ = (_relative_to(p, base) for p in (record.short, record.long))
+        writer.writerow([
+            record.split, f"{record.scene:05d}", f"{record.burst:02d}", short, long_,
+            _number(record.short_exposure_s), _number(record.long_exposure_s), _number(record.ratio),
+            record.iso, _number(record.fnumber), record.camera, "true" if record.misaligned else "false",
+        ])
+    write_bytes(csv_path, handle.getvalue().encode("utf-8"), inputs=inputs, what="manifest")
     return csv_path
 
 
@@ -355,9 +370,16 @@ def run(args: argparse.Namespace) -> int:
     root = _root_path(args.root)
     splits = manifest_from_root(root, args.camera, args.lists)
     out_dir = Path(args.out)
-    for split, records in splits.items():
-        path = write_manifest(records, out_dir / f"sid_{args.camera}_{split}.csv", root=root)
-        print(f"{args.camera} {split}: {len(records)} pairs -> {path}")
+    lists = Path(args.lists).expanduser() if args.lists is not None else root
+    inputs = [lists / sid_list_name(args.camera, split) for split in SPLITS]
+    targets = {split: out_dir / f"sid_{args.camera}_{split}.csv" for split in splits}
+    check_folder(out_dir, "--out")
+    for target in targets.values():  # all refused before any is written
+        check_output(target, inputs, "manifest")
+    with new_folders([out_dir], "--out"):
+        for split, records in splits.items():
+            path = write_manifest(records, targets[split], root=root, inputs=inputs)
+            print(f"{args.camera} {split}: {len(records)} pairs -> {path}")
     reader = None if args.exists_only else default_raw_reader()
     if reader is None:
         print("note: checking that files exist and open only (no RAW decoding)")

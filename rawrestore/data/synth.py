@@ -57,7 +57,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -69,7 +68,10 @@ import torch
 
 import isp
 from isp.meta import CameraMeta
+from isp.safeio import write_bytes
 from rawrestore.errors import InputError
+from rawrestore.folders import check_folder, make_folders, remove_empty
+from rawrestore.memory import available_memory
 from rawrestore.physics.align import exposure_ratio
 from rawrestore.physics.crosstalk import apply_crosstalk, build_kernel
 from rawrestore.physics.noise import DEFAULT_CAMERA, READ_NOISE_KINDS, NoiseParams, add_noise, sample_noise_params
@@ -94,6 +96,7 @@ MATRIX_JITTER = 0.08  # relative perturbation of each cam_xyz entry per scene
 WB_RED = (1.6, 2.6)
 WB_BLUE = (1.3, 2.2)
 MIN_SIZE = 24  # LibRaw reads no RAW under 22 px a side; 24 is a multiple of both CFA periods
+BYTES_PER_PIXEL = 400  # peak memory of one scene per RAW pixel (measured about 250: float64 views, 2x dead leaves)
 
 # Fujifilm X-T2 X-Trans pattern (0=R, 1=G, 2=B) as LibRaw reports it for SID's visible area:
 # R at (0,0), (0,4), (3,1), (3,3) and B at (0,1), (0,3), (3,0), (3,4), which is what SID's
@@ -386,19 +389,83 @@ def _relative(camera_folder: str, kind: str, scene: int, burst: int, exposure: f
     return f"{camera_folder}/{kind}/{scene:05d}_{burst:02d}_{exposure_label(exposure)}s.dng"
 
 
-def _prepare_out(out: Path, spec: CameraSpec, force: bool) -> None:
+def _planned(spec: CameraSpec, scenes: int) -> list[str]:
+    """Every path (relative to --out) a run writes, truth.json last."""
+    files = []
+    for _, scene in scene_ids(scenes):
+        files.append(_relative(spec.folder, "long", scene, 0, LONG_EXPOSURE_S))
+        files.extend(_relative(spec.folder, "short", scene, 0, exposure) for exposure in SHORT_EXPOSURES_S)
+    return files + [_list_name(spec, split) for split in SPLITS] + [TRUTH_NAME]
+
+
+def _list_name(spec: CameraSpec, split: str) -> str:
+    return f"{spec.folder}_{split}_list.txt"
+
+
+def _owned(out: Path) -> set[str]:
+    """Paths (relative to `out`) a previous synth wrote there, as its truth.json records them; empty without one.
+
+    Newer runs name the list files they wrote under "lists"; older ones did not, so a list file
+    counts as theirs only when every path on it is one of the files truth.json records.
+    """
+    from rawrestore.data.manifest import resolve_inside
+
+    truth_path = out / TRUTH_NAME
+    if not truth_path.is_file() or truth_path.is_symlink():
+        return set()
+    try:
+        truth = json.loads(truth_path.read_text(encoding="utf-8"))
+        files = {str(rel) for rel in truth["files"]}
+        camera = CAMERA_SPECS[truth["camera"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"--out {out}: {TRUTH_NAME} is not one synth wrote (unreadable or foreign), so --force "
+                         "cannot tell which files are synth's: choose an empty folder") from None
+    owned = set()
+    for rel in files:
+        try:
+            resolve_inside(out, rel)  # a hand-edited truth.json cannot point outside --out
+        except InputError:
+            continue
+        owned.add(rel)
+    lists = truth.get("lists")
+    for split in SPLITS:
+        name = _list_name(camera, split)
+        if isinstance(lists, list):
+            if name in lists:
+                owned.add(name)
+        elif (out / name).is_file():
+            named = {p.removeprefix("./") for line in (out / name).read_text(encoding="utf-8", errors="replace").split("\n")
+                     for p in line.split()[:2]}
+            if named <= files:
+                owned.add(name)
+    return owned | {TRUTH_NAME}
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _prepare_out(out: Path, spec: CameraSpec, scenes: int, force: bool) -> list[Path]:
+    """Check --out before any work; with --force remove what a previous synth wrote. -> folders created (to undo)."""
+    check_folder(out, "--out")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder (it is created if missing)")
+    planned = _planned(spec, scenes)
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise InputError(f"--out {out} is not empty; pass --force to replace the synthetic data in it, or choose an empty folder")
-        # Remove only what a previous `synth` run writes there; anything else is left alone.
-        for name in (spec.folder, ".cache"):
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-        for name in [TRUTH_NAME] + [f"{spec.folder}_{split}_list.txt" for split in SPLITS]:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        owned = _owned(out)
+        foreign = [rel for rel in planned if (os.path.lexists(out / rel)) and not (rel in owned and _is_file(out / rel))]
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise InputError(f"--out {out} holds {foreign[0]}{more} that synth did not write (not in its {TRUTH_NAME}); "
+                             "--force replaces only synth's own files: choose an empty folder")
+        # remove only what the previous run recorded; truth.json last, so an interrupted removal can be redone
+        for rel in sorted(owned - {TRUTH_NAME}) + [TRUTH_NAME]:
+            if _is_file(out / rel):
+                (out / rel).unlink()
+        remove_empty([out / spec.folder / "long", out / spec.folder / "short", out / spec.folder])
+    return make_folders([out / spec.folder / "long", out / spec.folder / "short"], "--out")
 
 
 def _check_size(camera: str, size: int | None) -> tuple[CameraSpec, int]:
@@ -411,6 +478,12 @@ def _check_size(camera: str, size: int | None) -> tuple[CameraSpec, int]:
         kind = "X-Trans 6x6" if period == 6 else "Bayer 2x2"
         suggestion = max(MIN_SIZE, -(-size // period) * period)
         raise InputError(f"--size {size} must be a multiple of the {kind} CFA period and >= {MIN_SIZE}; try --size {suggestion}")
+    available = available_memory()
+    needed = BYTES_PER_PIXEL * size * size
+    if available is not None and needed > available:
+        largest = int(math.sqrt(available / BYTES_PER_PIXEL)) // period * period
+        raise InputError(f"--size {size} needs about {needed / 2**30:.1f} GiB of memory per scene, {available / 2**30:.1f} GiB "
+                         f"is available; use --size {max(MIN_SIZE, largest)} or less")
     return spec, size
 
 
@@ -432,17 +505,35 @@ def generate(
 
     `size` is the side of every square frame in RAW pixels (default 512 Sony, 516 Fuji; a multiple
     of the CFA period). `on_file(relative_path, mosaic uint16 (H,W), meta_as_read)` is called for
-    every file written (tests keep the arrays this way). Refuses a non-empty `out` unless `force`.
+    every file written (tests keep the arrays this way). Refuses a non-empty `out` unless `force`;
+    `force` removes only the files a previous run recorded in truth.json, and refuses when anything
+    else sits where this run would write. A failed run removes what it wrote and the folders it made.
     """
-    from tqdm import tqdm
-
     spec, size = _check_size(camera, size)
     if read_noise not in READ_NOISE_KINDS:
         raise InputError(f"--read-noise must be one of {READ_NOISE_KINDS}, got {read_noise!r}")
     kernel = build_kernel(crosstalk, spec.period)
     sample_noise_params(noise_camera)  # fail on an unknown noise camera before writing anything
     out = Path(out)
-    _prepare_out(out, spec, force)
+    created = _prepare_out(out, spec, scenes, force)
+    written: list[Path] = []
+    try:
+        _write_dataset(out, spec, camera, scenes, seed, size, kernel, crosstalk, noise_camera, read_noise, on_file,
+                       progress, written)
+    except BaseException:  # a failed or interrupted run leaves nothing of its own behind
+        for path in written:
+            if _is_file(path):
+                path.unlink()
+        remove_empty(created)
+        raise
+    return out
+
+
+def _write_dataset(out: Path, spec: CameraSpec, camera: str, scenes: int, seed: int, size: int, kernel: torch.Tensor,
+                   crosstalk: str, noise_camera: str, read_noise: str, on_file: FileHook | None, progress: bool,
+                   written: list[Path]) -> None:
+    """Write every file of the dataset into the prepared `out`; each path goes into `written` before it is written."""
+    from tqdm import tqdm
 
     cfa = torch.as_tensor(spec.cfa)
     lists: dict[str, list[str]] = {split: [] for split in SPLITS}
@@ -463,6 +554,7 @@ def generate(
 
             long_rel = _relative(spec.folder, "long", scene, 0, LONG_EXPOSURE_S)
             long_mosaic = long_frame(made.latent, spec.black_level, spec.white_level)
+            written.append(out / long_rel)
             long_meta = isp.write_dng(out / long_rel, long_mosaic, replace(made.meta, exposure_time=LONG_EXPOSURE_S))
             truth_files[long_rel] = {"meta": long_meta.to_dict()}
             if on_file is not None:
@@ -474,6 +566,7 @@ def generate(
                 params = sample_noise_params(noise_camera, generator, read_noise=read_noise)
                 signal_ratio = LONG_EXPOSURE_S / exposure
                 short_mosaic = dark_frame(made.signal, signal_ratio, params, spec.black_level, spec.white_level, cfa, generator)
+                written.append(out / short_rel)
                 short_meta = isp.write_dng(out / short_rel, short_mosaic, replace(made.meta, exposure_time=exposure))
                 ratio = exposure_ratio(exposure, LONG_EXPOSURE_S)
                 truth_files[short_rel] = {
@@ -491,8 +584,8 @@ def generate(
             }
 
     for split in SPLITS:
-        text = "".join(line + "\n" for line in lists[split])
-        (out / f"{spec.folder}_{split}_list.txt").write_text(text, encoding="utf-8")
+        written.append(out / _list_name(spec, split))
+        write_bytes(out / _list_name(spec, split), "".join(line + "\n" for line in lists[split]).encode("utf-8"), what="--out")
     truth = {
         "format": TRUTH_FORMAT,
         "camera": camera,
@@ -510,12 +603,11 @@ def generate(
                   "quantisation": "rounding to integer DN (quant_step 1 DN in the model)"},
         "scene": truth_scenes,
         "files": truth_files,
+        "lists": [_list_name(spec, split) for split in SPLITS],
     }
-    # Written last: its presence marks a complete dataset.
-    tmp = out / f".{TRUTH_NAME}.tmp"
-    tmp.write_text(json.dumps(truth, indent=1), encoding="utf-8")
-    os.replace(tmp, out / TRUTH_NAME)
-    return out
+    # Written last: its presence marks a complete dataset (and what a later --force may remove).
+    written.append(out / TRUTH_NAME)
+    write_bytes(out / TRUTH_NAME, json.dumps(truth, indent=1).encode("utf-8"), what="--out")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rawrestore.errors import DataError
 from rawrestore.physics.noise_level import noise_map
 
 
@@ -30,6 +31,6 @@ class NoiseConditioned(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B,in_channels,h,w) -> (B,in_channels,h,w)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"NoiseConditioned expects (B,{self.in_channels},H,W) packed RAW, got shape {tuple(x.shape)}")
+            raise DataError(f"NoiseConditioned expects (B,{self.in_channels},H,W) packed RAW, got shape {tuple(x.shape)}")
         out = self.net(torch.cat([x, noise_map(x)], dim=1))
         return out + x if self.residual else out

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rawrestore.errors import ConfigError
+from rawrestore.errors import ConfigError, DataError
 from rawrestore.models.unet import pad_to_multiple
 
 
@@ -158,7 +158,7 @@ class NAFNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B,in_channels,H,W) packed RAW -> (B,out_channels,H,W)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise DataError(
                 f"NAFNet expects (B,{self.in_channels},H,W) packed RAW, got shape {tuple(x.shape)}"
             )
         padded, height, width = pad_to_multiple(x, self.size_multiple)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rawrestore.errors import ConfigError
+from rawrestore.errors import ConfigError, DataError
 
 NUM_LEVELS = 5  # 32-64-128-256-512: four 2x poolings, so inputs are padded to a multiple of 16
 
@@ -106,7 +106,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B,in_channels,H,W) packed RAW -> (B,out_channels,H,W)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise DataError(
                 f"UNet expects (B,{self.in_channels},H,W) packed RAW, got shape {tuple(x.shape)}"
             )
         padded, height, width = pad_to_multiple(x, self.size_multiple)

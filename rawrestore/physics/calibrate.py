@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -332,6 +333,9 @@ def _load_normalised(path: Path) -> tuple[torch.Tensor, CameraMeta]:
 
 def run(args: argparse.Namespace) -> int:
     """Fit the kernel over the manifest's pairs and write it to --out. -> exit code 0."""
+    from isp.safeio import check_output, write_bytes
+    from rawrestore.data.manifest import resolve_inside  # the one dataset-root rule
+    from rawrestore.folders import check_folder, new_folders
     from rawrestore.physics.align import align_exposure
     from rawrestore.physics.crosstalk import site_energy
 
@@ -342,7 +346,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_pairs is not None and args.max_pairs < 1:
         raise InputError(f"--max-pairs must be >= 1, got {args.max_pairs}")
     root = Path(args.root) if args.root is not None else manifest.resolve().parent
+    check_folder(out.parent, "--out")
+    check_output(out, [manifest], "--out")
     rows = _read_rows(manifest, args.max_pairs)
+    inputs: list[Path] = [manifest]
     equations: CrosstalkNormalEquations | None = None
     cfa = None
     cached_long: tuple[Path, torch.Tensor] | None = None  # consecutive rows often share the long exposure
@@ -356,8 +363,11 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"{where}: ratio must be a positive number, got {ratio}")
         if not (row.get("short") or "").strip() or not (row.get("long") or "").strip():
             raise DataError(f"{where}: empty short or long path")
-        short_path, long_path = (Path(row[c].strip()) if Path(row[c].strip()).is_absolute() else root / row[c].strip()
-                                 for c in ("short", "long"))
+        try:  # the dataset-root rule of every manifest reader: no absolute paths, no `..` out of the root
+            short_path, long_path = (resolve_inside(root, row[c].strip()) for c in ("short", "long"))
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        inputs.extend((short_path, long_path))
         short, meta = _load_normalised(short_path)
         if cached_long is None or cached_long[0] != long_path:
             long_plane, long_meta = _load_normalised(long_path)
@@ -372,8 +382,10 @@ def run(args: argparse.Namespace) -> int:
         aligned = align_exposure(short[None, None], ratio)[0, 0]
         equations.add(aligned, cached_long[1])
     kernel = equations.solve(energy_preserving=not args.free)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, kernel.to(torch.float32).numpy())
+    buffer = io.BytesIO()
+    np.save(buffer, kernel.to(torch.float32).numpy())
+    with new_folders([out.parent], "--out"):
+        write_bytes(out, buffer.getvalue(), inputs, "--out")
     energy = site_energy(kernel)
     print(
         f"crosstalk kernel ({equations.period}x{equations.period} sites x 3x3) from {equations.pairs} pairs, "

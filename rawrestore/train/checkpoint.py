@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,12 +34,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from isp.safeio import check_output
 from rawrestore.errors import InputError
+from rawrestore.memory import available_memory
 
 __all__ = [
     "FORMAT", "CHECKPOINT_DIR", "LAST", "BEST", "CheckpointError", "periodic_name", "checkpoint_dir",
     "save_checkpoint", "verify_checkpoint", "load_checkpoint", "find_resume", "rng_state", "set_rng_state",
-    "sha256_file", "inference_weights", "clean_temporaries",
+    "sha256_file", "inference_weights", "clean_temporaries", "check_expansion",
+    "check_tensor_sizes",
 ]
 
 FORMAT = 1
@@ -48,6 +52,11 @@ BEST = "best.pt"
 _PERIODIC = re.compile(r"^step_(\d+)\.pt$")
 _TEMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
+# torch.save stores entries uncompressed: what a checkpoint expands to is about its size on disk
+_MAX_EXPANSION = 1.25
+_EXPANSION_SLACK = 1 << 20
+_MAX_STATE_PER_MODEL = 5  # model + EMA + two Adam moments, and room to spare
+_STATE_SLACK = 16 << 20  # RNG states (a few kB each), the loss weights, the sampler
 
 
 class CheckpointError(InputError):
@@ -125,9 +134,13 @@ def save_checkpoint(state: dict[str, Any], paths: list[Path]) -> str:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporaries.append(_write_temporary(path.parent, data))
             temporaries.append(_write_temporary(path.parent, f"{digest}  {path.name}\n".encode("ascii")))
+            for target in (path, _sidecar(path)):  # only a regular file or a new path is replaced
+                check_output(target, what="checkpoint")
             os.replace(temporaries[0], path)
             os.replace(temporaries[1], _sidecar(path))
             _fsync_dir(path.parent)
+        except InputError as error:
+            raise CheckpointError(f"{error}; the checkpoints already in {path.parent} are unchanged") from None
         except OSError as error:
             reason = error.strerror or str(error)
             raise CheckpointError(
@@ -163,6 +176,66 @@ def verify_checkpoint(path: str | os.PathLike) -> tuple[bool, str]:
     return True, "sha256 ok"
 
 
+def check_expansion(path: str | os.PathLike) -> int:
+    """What loading a checkpoint would hold in memory, checked before loading it. -> bytes.
+
+    A zip checkpoint's entries are sized from its directory: their total may exceed the file's
+    size only by a little (torch.save does not compress), and must fit in the memory available.
+    A deflate-compressed file that would expand many times over is refused unread.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return size  # not a zip (legacy torch format): stored as is, its size bounds what it holds
+    if total > _MAX_EXPANSION * size + _EXPANSION_SLACK:
+        raise CheckpointError(f"checkpoint {path} would expand from {size / 2**20:.1f} MiB on disk to {total / 2**20:.1f} MiB "
+                              "in memory (compressed entries; rawrestore writes checkpoints uncompressed): refused unread")
+    available = available_memory()
+    if available is not None and total > available:
+        raise CheckpointError(f"checkpoint {path} needs {total / 2**30:.2f} GiB of memory but {available / 2**30:.2f} GiB "
+                              "is available; free memory or load it on a larger machine")
+    return total
+
+
+def _tensor_bytes(tree: Any, limit: int = 1_000_000) -> int:
+    """Bytes of every tensor in a nested state (dicts, lists, tuples), walking at most `limit` values."""
+    total, stack, seen = 0, [tree], 0
+    while stack and seen < limit:
+        value = stack.pop()
+        seen += 1
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
+
+
+def check_tensor_sizes(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose tensors are far larger than its model's own (EMA, Adam moments and RNG allowed).
+
+    Read memory-mapped, so nothing is loaded whole; a legacy (non-zip) file is bounded by its size already.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not mmap-able (legacy format) or unreadable: load_checkpoint reports the latter
+        return
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        return
+    model = _tensor_bytes(state["model"])
+    total = _tensor_bytes(state)
+    allowed = _MAX_STATE_PER_MODEL * model + _STATE_SLACK
+    if total > allowed:
+        raise CheckpointError(f"checkpoint {path} holds {total / 2**20:.1f} MiB of tensors for a model of {model / 2**20:.1f} MiB "
+                              f"(at most {_MAX_STATE_PER_MODEL}x the model + {_STATE_SLACK >> 20} MiB: weights, EMA, "
+                              "optimizer moments, RNG states); refused before loading it whole")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
     """Read a checkpoint with torch.load(weights_only=True) after checking its sha256. -> the state dict.
 
@@ -175,6 +248,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ok, reason = verify_checkpoint(path)
         if not ok:
             raise CheckpointError(f"checkpoint {path} is unusable: {reason}; use another file in {path.parent}")
+    check_expansion(path)
+    check_tensor_sizes(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -188,6 +263,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first[:160]})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a rawrestore checkpoint (no 'model'/'step' entries)")
+    if state.get("config") is not None:
+        from rawrestore.config.bounds import check_tree
+
+        try:
+            check_tree(state["config"], "its config")
+        except InputError as error:
+            raise CheckpointError(f"checkpoint {path}: {error}") from None
     return state
 
 
@@ -216,6 +298,7 @@ class _Candidate:
 def _peek_step(path: Path) -> int | None:
     """The step stored in a checkpoint, reading only its small entries (mmap); None when unreadable."""
     try:
+        check_expansion(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(state["step"])
     except Exception:  # unreadable files are reported when they are verified
