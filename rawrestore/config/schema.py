@@ -295,7 +295,6 @@ class LossConfig:
     crosstalk_kernel: str = "uniform(0.02)"  # "identity" | "uniform(<leak>)" | path to a kernel file
     render_demosaic: Literal["bilinear", "half"] = "bilinear"
     backbone_window: float = 1.0  # side of the render window VGG and LPIPS see, a fraction (placed anew each step); 1: all
-    allow_random_backbones: bool = False  # tests only: VGG/LPIPS without pretrained weights
     drop_missing_pretrained: bool = False  # leave out VGG/LPIPS (one printed line) if weights are missing
 
     def terms(self) -> dict[str, LossTermConfig]:
@@ -352,7 +351,9 @@ class TrainConfig:
     ema: float | None = None  # decay of an exponential moving average of the weights
     val_every: int = 1000  # 0: never
     ckpt_every: int = 1000  # 0: only at the end
-    log_every: int = 50
+    log_every: int = 50  # steps between log records: the only steps whose numbers are read back from the device
+    compile: bool = False  # torch.compile the model (first steps compile; pays off on long runs)
+    deterministic: bool = False  # deterministic kernels (cuDNN/cuBLAS): bit-repeatable on a GPU, slower
     max_nonfinite: int = 10  # consecutive non-finite losses before training stops
 
     def validate(self, key: str = "train") -> None:

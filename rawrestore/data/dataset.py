@@ -235,6 +235,8 @@ class SIDPairDataset(Dataset):
         if meta.cfa_period != self.period:
             kind = "X-Trans 6x6" if meta.cfa_period == 6 else "Bayer 2x2"
             raise DataError(f"{path}: has a {kind} CFA but data.camera is {self.camera}; set data.camera to match the files")
+        if not float(meta.white_level) > float(np.max(meta.black_array)):  # synthesize_input(checked=True) relies on it
+            raise DataError(f"{path}: white level {meta.white_level} is not above the black level; the file's metadata is broken")
 
     def _check_crop(self, path: str, height: int, width: int) -> None:
         size = self.crop_size
@@ -278,9 +280,16 @@ class SIDPairDataset(Dataset):
         return isp.ops.normalize(raw, torch.from_numpy(black_after.astype(np.float32)), white), black_after
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.draw(index, self._rng(index) if self.random_crops else None)
+
+    def draw(self, index: int, rng: np.random.Generator | None) -> dict[str, Any]:
+        """Sample `index` with its random crop and transform drawn from `rng` (the trainer's per-sample generator).
+
+        `rng` None, or a split without random crops: the deterministic centre crop or whole frame.
+        """
         record = self.records[index]
         try:
-            return self._sample(index, record)
+            return self._sample(index, record, rng if self.random_crops else None)
         except DataError:
             raise
         except InputError as exc:  # e.g. RawReadError: re-raised as a one-argument DataError so workers can pickle it
@@ -288,7 +297,7 @@ class SIDPairDataset(Dataset):
         except (OSError, ValueError, RuntimeError, IndexError) as exc:
             raise DataError(f"pair {record.short} / {record.long}: {type(exc).__name__}: {exc}") from exc
 
-    def _sample(self, index: int, record: PairRecord) -> dict[str, Any]:
+    def _sample(self, index: int, record: PairRecord, rng: np.random.Generator | None) -> dict[str, Any]:
         long_meta = self.cache.meta(record.long)
         self._check_camera(record.long, long_meta)
         if not self.synthetic_noise:
@@ -296,7 +305,6 @@ class SIDPairDataset(Dataset):
             self._check_pair(record, short_meta, long_meta)
         ratio = exposure_ratio(record.short_exposure_s, record.long_exposure_s, cap=self.ratio_cap)
         ops = cfa_preserving_ops(long_meta.cfa)
-        rng = self._rng(index) if self.random_crops else None
         top, left, height, width, op = self._window(long_meta.height, long_meta.width, record.long, rng, ops)
         box = (top, left, height, width)
         target, black_after = self._normalised(record.long, long_meta, box, op)
@@ -335,6 +343,8 @@ def synthesize_input(
     read_noise: str = "tukey",
     clip: bool = True,
     crosstalk: torch.Tensor | None = None,
+    param_rng: np.random.Generator | None = None,
+    checked: bool = False,
 ) -> torch.Tensor:
     """Dark, aligned input from clean targets. batch['target'] (B,C,h,w) packed or (B,1,H,W) -> same shape, float.
 
@@ -343,7 +353,9 @@ def synthesize_input(
     multiplied by `ratio` (clipped to [0, 1] when `clip`). `crosstalk` (P,P,3,3), when given,
     acts on the clean mosaic first, as it does on the sensor before the noise (the clean target
     stays crosstalk-free, the model the data-consistency loss assumes). Runs on the target's
-    device; a generator must live there too.
+    device; a generator must live there too. `param_rng` (a numpy Generator) draws the per-sample
+    noise parameters on the host instead of `generator`; `checked` skips re-checking values the
+    dataset checked (see `synthesize_dark`): together, nothing is read back from the device.
     """
     target = batch["target"]
     cfa = batch["cfa"].to(target.device)
@@ -352,10 +364,11 @@ def synthesize_input(
     mosaic = isp.cfa.unpack(target, cfa) if packed else target  # one call when the batch shares a CFA
     if crosstalk is not None:
         mosaic = apply_crosstalk(mosaic, crosstalk.to(mosaic.device))
-    params = [sample_noise_params(noise_camera, generator, read_noise=read_noise) for _ in range(count)]
+    draws = param_rng if param_rng is not None else generator
+    params = [sample_noise_params(noise_camera, draws, read_noise=read_noise) for _ in range(count)]
     ratio = batch["ratio"].to(device=target.device, dtype=target.dtype)
     dark = synthesize_dark(mosaic, ratio, params, batch["black_level"].to(target.device),
-                           batch["white_level"].to(target.device), cfa, generator)
+                           batch["white_level"].to(target.device), cfa, generator, checked=checked)
     aligned = align_exposure(dark, ratio, clip=clip)
     return isp.cfa.pack(aligned, cfa) if packed else aligned
 
