@@ -358,7 +358,7 @@ def synthesize_input(
     dataset checked (see `synthesize_dark`): together, nothing is read back from the device.
     """
     target = batch["target"]
-    cfa = batch["cfa"].to(target.device)
+    cfa = batch["cfa"]  # host or device: isp moves it where it computes with it
     count = target.shape[0]
     packed = target.shape[1] != 1
     mosaic = isp.cfa.unpack(target, cfa) if packed else target  # one call when the batch shares a CFA
@@ -369,7 +369,7 @@ def synthesize_input(
     ratio = batch["ratio"].to(device=target.device, dtype=target.dtype)
     dark = synthesize_dark(mosaic, ratio, params, batch["black_level"].to(target.device),
                            batch["white_level"].to(target.device), cfa, generator, checked=checked)
-    aligned = align_exposure(dark, ratio, clip=clip)
+    aligned = align_exposure(dark, ratio, clip=clip, checked=checked)
     return isp.cfa.pack(aligned, cfa) if packed else aligned
 
 
@@ -387,7 +387,6 @@ def jitter_gains(target: torch.Tensor, cfa: torch.Tensor, amount: float, generat
     spread = math.log1p(amount)
     log_gains = (torch.rand(count, 3, generator=generator, device=target.device, dtype=torch.float64) * 2 - 1) * spread
     gains = log_gains.exp().to(target.dtype)
-    cfa = cfa.to(target.device)
     packed = target.shape[1] != 1
     mosaic = isp.cfa.unpack(target, cfa) if packed else target
     mosaic = isp.ops.white_balance(mosaic, cfa, gains).clamp(0.0, 1.0)  # one gain per colour, at every site of it

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from isp.safeio import atomic_output
+from isp.safeio import atomic_output, check_output
 from rawrestore.errors import InputError
 
 __all__ = ["LOG_NAME", "CURVES_NAME", "TrainingError", "read_log", "write_loss_curves", "JsonlLog", "truncate_log",
@@ -63,6 +63,7 @@ class JsonlLog:
         self.path = path
         self.handle = None
         if enabled:
+            check_output(path, what="run log")  # a regular file or a new path: never a device, FIFO or symlink
             try:
                 self.handle = open(path, "a", encoding="utf-8")
             except OSError as error:

@@ -107,9 +107,19 @@ class LoadFailure:
 
 
 def collate(samples: list[Any]) -> Any:
-    """default_collate, or the first LoadFailure among the samples."""
+    """default_collate, or the first LoadFailure among the samples; a CFA the whole batch shares becomes one (P,P).
+
+    The CFA is host metadata (isp plans packing and demosaicking from it): one (P,P) pattern,
+    checked here in the loader, spares every step a per-call check that the batch shares it.
+    """
     failure = next((sample for sample in samples if isinstance(sample, LoadFailure)), None)
-    return failure if failure is not None else default_collate(samples)
+    if failure is not None:
+        return failure
+    batch = default_collate(samples)
+    cfa = batch.get("cfa") if isinstance(batch, dict) else None
+    if isinstance(cfa, torch.Tensor) and cfa.ndim == 3 and bool((cfa == cfa[:1]).all()):
+        batch["cfa"] = cfa[0].clone()
+    return batch
 
 
 def seeded_item(dataset: Dataset, index: int, rng: np.random.Generator) -> Any:

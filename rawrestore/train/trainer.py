@@ -208,7 +208,9 @@ class Trainer:
         return batches
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        """Tensors to the device, except the CFA: host metadata isp plans from (it moves what it computes with)."""
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "cfa" else v)
+                for k, v in batch.items()}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
