@@ -119,7 +119,7 @@ class DataConfig:
 class ModelConfig:
     """Network choice and size; in/out channels follow from the data (4 Bayer, 9 X-Trans)."""
 
-    name: Literal["unet", "nafnet"] = "unet"
+    name: str = "unet"  # a key of rawrestore.models.MODELS (the registry is the only list of networks)
     width: int = 32  # channels of the first level (SID U-Net: 32-64-128-256-512)
     width_mult: float = 1.0  # scales `width`, for quick size sweeps
     residual: bool = False  # predict a correction added to the aligned input
@@ -129,7 +129,11 @@ class ModelConfig:
     nafnet_dec_blocks: list[int] | None = None  # None: one block per level
 
     def validate(self, key: str = "model") -> None:
-        """Check values: positive width, block lists of matching length and non-negative counts."""
+        """Check values: a registered network, positive width, block lists of matching length and non-negative counts."""
+        from rawrestore.models import MODELS  # the registry, not a copy of its names
+
+        names = ", ".join(repr(name) for name in MODELS)
+        _require(self.name in MODELS, f"{key}.name", f"must be one of {names}", self.name)
         _require(self.width >= 1, f"{key}.width", "must be >= 1", self.width)
         _require(self.width_mult > 0, f"{key}.width_mult", "must be > 0", self.width_mult)
         _require(round(self.width * self.width_mult) >= 1, f"{key}.width_mult",
