@@ -16,6 +16,7 @@ from typing import Literal
 from rawrestore.errors import ConfigError
 
 CFA_PERIOD = {"sony": 2, "fuji": 6}  # Bayer 2x2, X-Trans 6x6
+SID_RATIO_CAP = 300.0  # SID clamps exposure ratios above 300 (its test set's largest)
 # VGG layer names a perceptual loss can tap (VGG16: blocks 3-5 have three convs; VGG19: four)
 VGG16_LAYERS = frozenset(
     f"{kind}{block}_{index}"
@@ -70,7 +71,7 @@ class DataConfig:
     gain_jitter: float = 0.0  # with synthetic_noise: R, G, B gains log-uniform in [1/(1+x), 1+x] on the clean frame
     synthetic_ratio: list[float] | None = None  # with synthetic_noise: [lo, hi], ratio log-uniform per sample (None: the pair's)
     val_crop: int | None = None  # None: validate on whole images
-    ratio_cap: float = 300.0  # exposure ratios above this are clamped (SID uses 300)
+    ratio_cap: float = SID_RATIO_CAP  # exposure ratios above this are clamped
 
     @property
     def cfa_period(self) -> int:

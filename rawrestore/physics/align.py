@@ -11,9 +11,9 @@ import numbers
 
 import torch
 
+from rawrestore.config.schema import SID_RATIO_CAP
 from rawrestore.errors import DataError, InputError
 
-SID_RATIO_CAP = 300.0
 
 
 def exposure_ratio(short_s: float, long_s: float, cap: float = SID_RATIO_CAP, strict: bool = False) -> float:
