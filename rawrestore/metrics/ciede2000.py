@@ -54,7 +54,7 @@ def _decode(v: float, k: np.ndarray) -> float:
 
 def _lab_f(t: float, k: np.ndarray) -> float:
     """CIE 1976 companding of one value (isp.color._lab_f)."""
-    return t ** (1.0 / 3.0) if t > k[4] else (k[5] * t + 16.0) / 116.0
+    return np.cbrt(t) if t > k[4] else (k[5] * t + 16.0) / 116.0
 
 
 def _lab(r: float, g: float, b: float, matrix: np.ndarray, white: np.ndarray, k: np.ndarray) -> tuple[float, float, float]:
@@ -83,7 +83,8 @@ def _de00(L1: float, a1: float, b1: float, L2: float, a2: float, b2: float, k: n
     c1 = _safe_sqrt(a1 * a1 + b1 * b1, tiny)
     c2 = _safe_sqrt(a2 * a2 + b2 * b2, tiny)
     c_mean = (c1 + c2) / 2.0
-    g = 0.5 * (1.0 - c_mean ** 3.5 / math.sqrt(c_mean ** 7 + pow25_7))
+    c3 = c_mean * c_mean * c_mean  # C^3.5 = C^3 sqrt(C) and C^7 = (C^3)^2 C: products instead of pow calls
+    g = 0.5 * (1.0 - c3 * math.sqrt(c_mean) / math.sqrt(c3 * c3 * c_mean + pow25_7))
     a1p, a2p = (1.0 + g) * a1, (1.0 + g) * a2
     c1p = _safe_sqrt(a1p * a1p + b1 * b1, tiny)
     c2p = _safe_sqrt(a2p * a2p + b2 * b2, tiny)
@@ -120,7 +121,8 @@ def _de00(L1: float, a1: float, b1: float, L2: float, a2: float, b2: float, k: n
     t = (1.0 - 0.17 * (c * _COS30 + s * _SIN30) + 0.24 * c2 + 0.32 * (c3 * _COS6 - s3 * _SIN6)
          - 0.20 * (c4 * _COS63 + s4 * _SIN63))
     d_theta = 30.0 * math.exp(-(((h_mean - 275.0) / 25.0) ** 2))
-    rc = 2.0 * cp_mean ** 3.5 / math.sqrt(cp_mean ** 7 + pow25_7)
+    cp3 = cp_mean * cp_mean * cp_mean
+    rc = 2.0 * cp3 * math.sqrt(cp_mean) / math.sqrt(cp3 * cp3 * cp_mean + pow25_7)
     L_offset_sq = (L_mean - 50.0) ** 2
     sl = 1.0 + 0.015 * L_offset_sq / math.sqrt(20.0 + L_offset_sq)
     sc = 1.0 + 0.045 * cp_mean
