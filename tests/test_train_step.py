@@ -145,3 +145,15 @@ def test_deterministic_option_trains_and_repeats(tmp_path, data_root):
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(v, second.net.state_dict()[k]) for k, v in first.net.state_dict().items())
+
+
+def test_gpu_benchmark_says_so_without_a_gpu():
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: benchmarks/gpu.py would measure it")
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("gpu.py: no CUDA GPU on this machine")
