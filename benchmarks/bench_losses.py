@@ -32,7 +32,7 @@ TOTAL_STEPS = 1000
 
 def _config(kind: str) -> LossConfig:
     """'full' (defaults), 'half' (defaults, half-size render), 'half_window' (+ VGG/LPIPS on a half-side window), 'no_backbones' or 'raw_l1'."""
-    config = LossConfig(allow_random_backbones=True)
+    config = LossConfig()
     if kind in ("half", "half_window"):
         config.render_demosaic = "half"
     if kind == "half_window":
@@ -88,7 +88,7 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32) -> l
         "cam_to_srgb": torch.tensor(CAM_TO_SRGB, device=device),
     }
     with _quiet():
-        stacks = {kind: LossStack(_config(kind), TOTAL_STEPS, cfa_period=2).to(device)
+        stacks = {kind: LossStack(_config(kind), TOTAL_STEPS, cfa_period=2, allow_random_backbones=True).to(device)
                   for kind in ("raw_l1", "full", "half", "half_window", "no_backbones")}
 
     amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16

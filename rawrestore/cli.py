@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from isp.errors import InputError
+from rawrestore.logs import configure as configure_logging
 
 # command -> module exposing `configure(parser)` and `run(args) -> int`
 COMMANDS = {
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if stray:
             parser.error(f"unrecognized arguments: {' '.join(stray)}")
         args.overrides = list(args.overrides or []) + extra
+    configure_logging()
     try:
         return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)
     except InputError as exc:

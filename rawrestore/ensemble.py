@@ -1,7 +1,7 @@
 """Test-time self-ensemble over the flips and transposes that keep the colour filter array.
 
 A restoration network trained with CFA-preserving flip/transpose augmentation
-(`rawrestore.data.dataset.cfa_preserving_ops`) should give the same answer on a flipped frame,
+(`isp.geometry.cfa_preserving_ops`) should give the same answer on a flipped frame,
 flipped back; in practice its errors differ between orientations, and averaging the restored
 frames over them lowers the error (the self-ensemble of Lim et al., EDSR, 2017; done on the
 mosaic here, as in Liu et al.'s Bayer-preserving augmentation, 2019, so no colour lands on
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 import isp
-from rawrestore.data.dataset import CropOp, cfa_preserving_ops
+from isp.geometry import CropOp, cfa_preserving_ops
 from rawrestore.errors import InputError
 from rawrestore.tiling import tiled_apply
 

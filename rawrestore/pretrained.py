@@ -11,7 +11,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -27,6 +27,7 @@ __all__ = [
     "load_vgg16_features",
     "load_alexnet_features",
     "build_lpips",
+    "build_lpips_or_none",
 ]
 
 _log = logging.getLogger(__name__)
@@ -184,3 +185,16 @@ def build_lpips(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def build_lpips_or_none(cfg: Any, device: torch.device) -> tuple[nn.Module | None, str]:
+    """The LPIPS metric network of an ExperimentConfig (`cfg.loss.lpips.net`, `.weights`) when its weights are on disk.
+
+    -> (module on `device`, or None; one-line note saying which).
+    """
+    net, weights = cfg.loss.lpips.net, cfg.loss.lpips.weights
+    try:
+        model = build_lpips(net, weights)
+    except (WeightsError, ImportError) as error:
+        return None, f"LPIPS reported as null: {str(error).splitlines()[0]}"
+    return model.to(device), f"LPIPS ({net}) on"

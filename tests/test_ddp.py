@@ -12,7 +12,10 @@ import torch
 
 from rawrestore.config import load_config
 from rawrestore.train import checkpoint as ckpt
-from rawrestore.train.trainer import Trainer, _weights_digest, read_log
+from rawrestore.train.distributed import weights_digest
+from rawrestore.train.runlog import read_log
+from rawrestore.train.trainer import Trainer
+from tests.conftest import tiny_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,32 +23,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is needed")
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from rawrestore.data.synth import generate
-
-    root = tmp_path_factory.mktemp("sid") / "synthetic"
-    generate(root, "sony", scenes=3, seed=0, size=128, progress=False)
-    return root
-
-
 def write_config(folder: Path, data_root: Path) -> Path:
-    text = f"""
-base:
-  - {REPO}/configs/data/synthetic.yaml
-  - {REPO}/configs/model/unet.yaml
-  - {REPO}/configs/losses/raw_l1.yaml
-data: {{root: {data_root}, crop_size: 64, num_workers: 0, cache_dir: {data_root}/.cache}}
-model: {{width: 4}}
-train: {{iterations: 4, batch_size: 1, lr: 1.0e-3, val_every: 2, ckpt_every: 2, log_every: 1}}
-eval: {{tile: 0, overlap: 0}}
-output_dir: {folder}/ddp
-device: cpu
-seed: 5
-"""
-    path = folder / "ddp.yaml"
-    path.write_text(text, encoding="utf-8")
-    return path
+    """The shared tiny experiment (tests/conftest.py), 4 iterations of batch 1, seed 5, into folder/ddp."""
+    return tiny_yaml(folder, data_root, name="ddp.yaml", output="ddp", seed=5, iterations=4, batch_size=1, warmup_iters=0)
 
 
 def run_torchrun(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -92,7 +72,7 @@ def test_two_gloo_ranks(tmp_path, data_root):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     skeleton = Trainer(load_config(config, [f"output_dir={tmp_path}/skeleton"]), log=lambda _: None, progress=False)
     skeleton.net.load_state_dict(state["model"])
-    assert _weights_digest(skeleton.net) == end["weights_sha256_per_rank"][0]
+    assert weights_digest(skeleton.net) == end["weights_sha256_per_rank"][0]
 
     # validation metrics are reduced over ranks: each rank scored part of the 3 val images
     val = [r for r in records if "val" in r]

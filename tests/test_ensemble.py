@@ -6,7 +6,7 @@ import torch
 
 import isp
 from rawrestore.data import synth
-from rawrestore.data.dataset import cfa_preserving_ops
+from isp.geometry import cfa_preserving_ops
 from rawrestore.ensemble import restore, self_ensemble_apply
 
 BAYERS = [[[0, 1], [1, 2]], [[1, 0], [2, 1]], [[2, 1], [1, 0]], [[1, 2], [0, 1]]]

@@ -363,7 +363,8 @@ def test_drop_missing_pretrained_leaves_terms_out_with_one_line(empty_hub, caplo
     assert stack.dropped == ["perceptual", "lpips"]
     assert stack.term_names == ("raw_l1", "crosstalk", "delta_e00", "ssim")
     pred, batch = make_batch(shape=(1, 4, 8, 8))
-    total, report = stack(pred, batch, step=0)
+    total, values = stack(pred, batch, step=0)
+    report = stack.report(values, 0, total)
     assert set(report) == {"raw_l1", "raw_l1/weight", "crosstalk", "crosstalk/weight", "delta_e00", "delta_e00/weight",
                            "ssim", "ssim/weight", "total"}
 
@@ -406,7 +407,8 @@ def test_report_holds_each_term_and_its_weight():
     stack = LossStack(config, total_steps=100, cfa_period=2)
     pred, batch = make_batch(shape=(2, 4, 8, 8), dtype=torch.float64)
     stack = stack.double()
-    total, report = stack(pred, batch, step=10)
+    total, values = stack(pred, batch, step=10)
+    report = stack.report(values, 10, total)
     pred_srgb, target_srgb = render(pred, batch), render(batch["target"], batch)
     kernel = uniform_kernel(2, 0.02).double()  # config kernels are float32, like every kernel build_kernel makes
     expected = {
@@ -437,7 +439,7 @@ def test_perceptual_schedule_and_checkpoint_state(vgg19_file):
     config.weighting = "fixed"
     stack = LossStack(config, total_steps=100, cfa_period=2)
     pred, batch = make_batch(shape=(1, 4, 16, 16))
-    weights = [stack(pred, batch, step)[1]["perceptual/weight"] for step in (0, 70, 85, 100)]
+    weights = [stack.report(stack(pred, batch, step)[1], step)["perceptual/weight"] for step in (0, 70, 85, 100)]
     assert weights == pytest.approx([0.02, 0.02, 0.06, 0.10], rel=1e-12)
     assert stack.state_dict() == {}  # fixed weights; the frozen VGG is reloaded from its file, not checkpointed
     config.weighting = "uncertainty"
@@ -450,7 +452,8 @@ def test_perceptual_schedule_and_checkpoint_state(vgg19_file):
     fresh = LossStack(config, total_steps=100, cfa_period=2)
     fresh.load_state_dict(state, strict=True)
     assert fresh.weighting.log_sigma["raw_l1"].item() == 0.25
-    total, report = fresh(pred, batch, step=0)
+    total, values = fresh(pred, batch, step=0)
+    report = fresh.report(values, 0, total)
     total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad) for p in fresh.trainable_parameters())
     assert report["raw_l1/weight"] == pytest.approx(0.5 * math.exp(-0.5), rel=1e-6)
@@ -459,7 +462,8 @@ def test_perceptual_schedule_and_checkpoint_state(vgg19_file):
 def test_xtrans_packed_prediction():
     stack = LossStack(loss_config(raw_l1=1.0, crosstalk=0.1, ssim=0.05), total_steps=10)  # period from the batch
     pred, batch = make_batch(shape=(1, 9, 8, 8), cfa=XTRANS)
-    total, report = stack(pred, batch, step=0)
+    total, values = stack(pred, batch, step=0)
+    report = stack.report(values, 0, total)
     cfa = batch["cfa"]
     expected = crosstalk_consistency(unpack(pred, cfa), unpack(batch["input"], cfa), uniform_kernel(6, 0.02))
     assert report["crosstalk"] == pytest.approx(expected.item(), rel=1e-6)
@@ -482,9 +486,8 @@ def test_stack_validates_the_batch():
 def test_gradcheck_whole_stack(empty_hub):
     config = loss_config(raw_l1=1.0, charbonnier=0.5, robust=0.3, crosstalk=0.1, perceptual=0.02, delta_e00=0.02,
                          ssim=0.05, edge=0.1, color_angle=0.1)
-    config.allow_random_backbones = True  # random VGG-19 trunk: gradients are what is checked here
     config.perceptual.layers = ["relu1_2", "conv1_2"]  # a tiny trunk (two convolutions) keeps the full check fast
-    stack = LossStack(config, total_steps=100, cfa_period=2).double()
+    stack = LossStack(config, total_steps=100, cfa_period=2, allow_random_backbones=True).double()
     assert stack.random_backbones == ["perceptual"]
     pred, batch = make_batch(shape=(1, 4, 6, 6), dtype=torch.float64, seed=3)  # 12x12 mosaic, 12x12 renders
     pred.requires_grad_()
@@ -492,28 +495,30 @@ def test_gradcheck_whole_stack(empty_hub):
 
 
 def test_finite_gradients_at_zero_inputs(empty_hub):
-    config = LossConfig(allow_random_backbones=True)  # every default term, LPIPS and VGG included
+    config = LossConfig()  # every default term, LPIPS and VGG included (random trunks below)
     config.edge.weight = config.color_angle.weight = config.charbonnier.weight = config.robust.weight = 0.1
-    stack = LossStack(config, total_steps=10, cfa_period=2)
+    stack = LossStack(config, total_steps=10, cfa_period=2, allow_random_backbones=True)
     zeros = torch.zeros(1, 4, 32, 32)
     for target in (zeros, torch.full_like(zeros, 0.2)):
         pred = torch.zeros_like(zeros, requires_grad=True)
         batch = make_batch(shape=zeros.shape)[1] | {"target": target, "input": torch.zeros_like(zeros)}
-        total, report = stack(pred, batch, step=5)
+        total, values = stack(pred, batch, step=5)
+        report = stack.report(values, 5, total)
         total.backward()
         assert math.isfinite(report["total"]) and torch.isfinite(pred.grad).all()
 
 
 def test_backbones_in_bf16_agree_with_float32(empty_hub):
     config = loss_config(raw_l1=1.0, perceptual=0.02, lpips=0.02)
-    config.allow_random_backbones = True  # random trunks: the precision is what is compared
     config.perceptual.layers = ["relu1_2", "relu2_2"]
-    stack = LossStack(config, total_steps=10, cfa_period=2)
+    stack = LossStack(config, total_steps=10, cfa_period=2, allow_random_backbones=True)
     pred, batch = make_batch(shape=(2, 4, 32, 32), seed=5)
-    full, report_full = stack(pred, batch, step=5)
+    full, values = stack(pred, batch, step=5)
+    report_full = stack.report(values, 5, full)
     stack.backbone_dtype = torch.bfloat16
     pred_amp = pred.detach().clone().requires_grad_()
-    mixed, report_mixed = stack(pred_amp, batch, step=5)
+    mixed, values = stack(pred_amp, batch, step=5)
+    report_mixed = stack.report(values, 5, mixed)
     assert mixed.dtype == torch.float32
     for name in ("perceptual", "lpips"):
         assert report_mixed[name] == pytest.approx(report_full[name], rel=0.03)
@@ -555,12 +560,12 @@ def test_backbone_window_puts_vgg_and_lpips_on_a_step_placed_window(empty_hub):
     from rawrestore.losses.stack import render_window
 
     config = loss_config(raw_l1=1.0, perceptual=0.02, lpips=0.02, ssim=0.05)
-    config.allow_random_backbones = True
     config.perceptual.layers = ["relu1_2", "relu2_2"]
     config.backbone_window = 0.5
-    stack = LossStack(config, total_steps=10, cfa_period=2)
+    stack = LossStack(config, total_steps=10, cfa_period=2, allow_random_backbones=True)
     pred, batch = make_batch(shape=(2, 4, 32, 32), seed=6)
-    _, report = stack(pred, batch, step=7)
+    _, values = stack(pred, batch, step=7)
+    report = stack.report(values, 7, _)
     pred_srgb = stack.render(unpack(pred, batch["cfa"]), batch)
     target_srgb = stack.render(unpack(batch["target"], batch["cfa"]), batch)
     a, b = render_window(pred_srgb, target_srgb, 0.5, step=7)

@@ -174,7 +174,7 @@ def test_fresh_nafblock_is_identity():
 
 
 def test_registry_and_builders():
-    assert MODELS == {"unet": UNet, "nafnet": NAFNet}
+    assert {name: spec.cls for name, spec in MODELS.items()} == {"unet": UNet, "nafnet": NAFNet}
     with pytest.raises(ConfigError, match=r"unknown model 'resnet'.*nafnet, unet"):
         build_model("resnet")
     model = build_model("unet", in_channels=9, base=8)

@@ -17,41 +17,19 @@ import torch
 from rawrestore.config import load_config
 from rawrestore.train import checkpoint as ckpt
 from rawrestore.errors import ConfigError
-from rawrestore.train.trainer import StepBatchSampler, Trainer, TrainingError, lr_factor, read_log
+from rawrestore.train.optim import lr_factor
+from rawrestore.train.runlog import TrainingError, read_log
+from rawrestore.train.sampling import StepBatchSampler
+from rawrestore.train.trainer import Trainer
+from tests.conftest import tiny_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """Three synthetic Sony scenes of 128x128 (one per split, three exposures each)."""
-    from rawrestore.data.synth import generate
-
-    root = tmp_path_factory.mktemp("sid") / "synthetic"
-    generate(root, "sony", scenes=3, seed=0, size=128, progress=False)
-    return root
-
-
-def write_config(folder: Path, data_root: Path, **extra: str) -> Path:
-    """A tiny experiment: width-4 U-Net, 64-pixel crops, RAW-L1, 6 iterations, on the CPU."""
-    text = f"""
-base:
-  - {REPO}/configs/data/synthetic.yaml
-  - {REPO}/configs/model/unet.yaml
-  - {REPO}/configs/losses/raw_l1.yaml
-data: {{root: {data_root}, crop_size: 64, num_workers: 0, cache_dir: {data_root}/.cache}}
-model: {{width: 4}}
-train: {{iterations: 6, batch_size: 2, lr: 1.0e-3, warmup_iters: 1, val_every: 2, ckpt_every: 2, log_every: 1}}
-eval: {{tile: 0, overlap: 0}}
-output_dir: {folder}/run
-device: cpu
-seed: 3
-"""
-    path = folder / "tiny.yaml"
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+def write_config(folder: Path, data_root: Path) -> Path:
+    """The shared tiny experiment (tests/conftest.py): width-4 U-Net, 64-pixel crops, RAW-L1, 6 iterations, on the CPU."""
+    return tiny_yaml(folder, data_root)
 
 
 def quiet(_: str) -> None:
@@ -215,11 +193,10 @@ def test_nonfinite_losses_in_a_row_stop_with_one_line(tmp_path, data_root):
     forward = trainer.loss.forward
 
     def exploding(pred, batch, step):
-        total, report = forward(pred, batch, step)
+        total, values = forward(pred, batch, step)
         if step >= 1:  # every step after the first has a NaN loss
             total = total * float("nan")
-            report = {**report, "total": float("nan")}
-        return total, report
+        return total, values
 
     trainer.loss.forward = exploding
     with pytest.raises(TrainingError) as info:
@@ -323,16 +300,21 @@ def test_loss_curves_written(tmp_path, data_root):
     assert json.loads(json.dumps(end))  # plain JSON
 
 
-def test_amp_auto_picks_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
-    from rawrestore.train.trainer import resolve_amp
+def test_amp_auto_picks_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, tmp_path):
+    """auto -> bf16 only with the CPU's AVX512-BF16 or AMX flags (read from /proc/cpuinfo, no private torch op)."""
+    from rawrestore.train import optim
 
     cpu = torch.device("cpu")
     for explicit in ("off", "bf16", "fp16"):
-        assert resolve_amp(explicit, cpu) == explicit
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert resolve_amp("auto", cpu) == "bf16"
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert resolve_amp("auto", cpu) == "off"  # emulated bf16 would be slower than float32
+        assert optim.resolve_amp(explicit, cpu) == explicit
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16\n\nprocessor : 1\n")
+    assert optim.cpu_flags(cpuinfo) >= {"avx2", "avx512_bf16"}
+    assert optim.cpu_flags(tmp_path / "absent") == set()
+    monkeypatch.setattr(optim, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert optim.resolve_amp("auto", cpu) == "bf16"
+    monkeypatch.setattr(optim, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert optim.resolve_amp("auto", cpu) == "off"  # emulated bf16 would be slower than float32
 
 
 def test_bad_synthetic_crosstalk_names_the_key(tmp_path, data_root):

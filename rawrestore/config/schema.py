@@ -17,6 +17,7 @@ from rawrestore.config.bounds import preview
 from rawrestore.errors import ConfigError
 
 CFA_PERIOD = {"sony": 2, "fuji": 6}  # Bayer 2x2, X-Trans 6x6
+SID_RATIO_CAP = 300.0  # SID clamps exposure ratios above 300 (its test set's largest)
 # VGG layer names a perceptual loss can tap (VGG16: blocks 3-5 have three convs; VGG19: four)
 VGG16_LAYERS = frozenset(
     f"{kind}{block}_{index}"
@@ -71,7 +72,7 @@ class DataConfig:
     gain_jitter: float = 0.0  # with synthetic_noise: R, G, B gains log-uniform in [1/(1+x), 1+x] on the clean frame
     synthetic_ratio: list[float] | None = None  # with synthetic_noise: [lo, hi], ratio log-uniform per sample (None: the pair's)
     val_crop: int | None = None  # None: validate on whole images
-    ratio_cap: float = 300.0  # exposure ratios above this are clamped (SID uses 300)
+    ratio_cap: float = SID_RATIO_CAP  # exposure ratios above this are clamped
 
     @property
     def cfa_period(self) -> int:
@@ -120,7 +121,7 @@ class DataConfig:
 class ModelConfig:
     """Network choice and size; in/out channels follow from the data (4 Bayer, 9 X-Trans)."""
 
-    name: Literal["unet", "nafnet"] = "unet"
+    name: str = "unet"  # a key of rawrestore.models.MODELS (the registry is the only list of networks)
     width: int = 32  # channels of the first level (SID U-Net: 32-64-128-256-512)
     width_mult: float = 1.0  # scales `width`, for quick size sweeps
     residual: bool = False  # predict a correction added to the aligned input
@@ -130,7 +131,11 @@ class ModelConfig:
     nafnet_dec_blocks: list[int] | None = None  # None: one block per level
 
     def validate(self, key: str = "model") -> None:
-        """Check values: positive width, block lists of matching length and non-negative counts."""
+        """Check values: a registered network, positive width, block lists of matching length and non-negative counts."""
+        from rawrestore.models import MODELS  # the registry, not a copy of its names
+
+        names = ", ".join(repr(name) for name in MODELS)
+        _require(self.name in MODELS, f"{key}.name", f"must be one of {names}", self.name)
         _require(self.width >= 1, f"{key}.width", "must be >= 1", self.width)
         _require(self.width_mult > 0, f"{key}.width_mult", "must be > 0", self.width_mult)
         _require(round(self.width * self.width_mult) >= 1, f"{key}.width_mult",
@@ -296,7 +301,6 @@ class LossConfig:
     crosstalk_kernel: str = "uniform(0.02)"  # "identity" | "uniform(<leak>)" | path to a kernel file
     render_demosaic: Literal["bilinear", "malvar", "half"] = "bilinear"
     backbone_window: float = 1.0  # side of the render window VGG and LPIPS see, a fraction (placed anew each step); 1: all
-    allow_random_backbones: bool = False  # tests only: VGG/LPIPS without pretrained weights
     drop_missing_pretrained: bool = False  # leave out VGG/LPIPS (one printed line) if weights are missing
 
     def terms(self) -> dict[str, LossTermConfig]:
@@ -353,7 +357,9 @@ class TrainConfig:
     ema: float | None = None  # decay of an exponential moving average of the weights
     val_every: int = 1000  # 0: never
     ckpt_every: int = 1000  # 0: only at the end
-    log_every: int = 50
+    log_every: int = 50  # steps between log records: the only steps whose numbers are read back from the device
+    compile: bool = False  # torch.compile the model (first steps compile; pays off on long runs)
+    deterministic: bool = False  # deterministic kernels (cuDNN/cuBLAS): bit-repeatable on a GPU, slower
     max_nonfinite: int = 10  # consecutive non-finite losses before training stops
 
     def validate(self, key: str = "train") -> None:

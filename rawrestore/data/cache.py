@@ -130,10 +130,6 @@ class DecodeCache:
             self.load(path)
         return len(unique)
 
-    def clear_open(self) -> None:
-        """Drop this process's open memory maps (files stay on disk)."""
-        self._open.clear()
-
     # ------------------------------------------------------------------ internals
 
     def _paths(self, key: str) -> tuple[Path, Path, Path]:

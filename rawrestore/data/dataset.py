@@ -32,11 +32,8 @@ Sample (a dict; the default collate batches it):
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,7 +42,9 @@ import torch
 from torch.utils.data import Dataset
 
 import isp
+from isp.geometry import CropOp, cfa_preserving_ops
 from isp.meta import CameraMeta
+from rawrestore.config.schema import CFA_PERIOD
 from rawrestore.data.cache import DecodeCache
 from rawrestore.data.manifest import (
     CAMERAS, SHIPPED_DIR, PairRecord, load_manifest, resolve_inside, resolve_sid_list, sid_list_name,
@@ -55,68 +54,7 @@ from rawrestore.physics.align import SID_RATIO_CAP, align_exposure, exposure_rat
 from rawrestore.physics.crosstalk import apply_crosstalk
 from rawrestore.physics.noise import DEFAULT_CAMERA, sample_noise_params, synthesize_dark
 
-CFA_PERIOD: dict[str, int] = {"sony": 2, "fuji": 6}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class CropOp:
-    """A flip/transpose of a square window and the CFA phase (row, col mod P) its source window must start on."""
-
-    transpose: bool
-    flip_rows: bool
-    flip_cols: bool
-    phase: tuple[int, int]
-
-    def apply(self, window: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """Transform the last two dims. (..., S, S) -> (..., S, S): transpose first, then the flips (numpy: views)."""
-        if isinstance(window, np.ndarray):
-            if self.transpose:
-                window = np.swapaxes(window, -2, -1)
-            axes = tuple(a for a, on in ((-2, self.flip_rows), (-1, self.flip_cols)) if on)
-            return np.flip(window, axes) if axes else window
-        if self.transpose:
-            window = window.transpose(-2, -1)
-        dims = [d for d, on in ((-2, self.flip_rows), (-1, self.flip_cols)) if on]
-        return window.flip(dims) if dims else window
-
-    def invert(self, window: torch.Tensor) -> torch.Tensor:
-        """Undo `apply` on the last two dims: the flips first, then the transpose. (..., S, S) -> (..., S, S)."""
-        dims = [d for d, on in ((-2, self.flip_rows), (-1, self.flip_cols)) if on]
-        if dims:
-            window = window.flip(dims)
-        return window.transpose(-2, -1) if self.transpose else window
-
-    @property
-    def index(self) -> int:
-        """0..7: bits transpose (4), flip rows (2), flip cols (1); 0 is the identity."""
-        return 4 * self.transpose + 2 * self.flip_rows + self.flip_cols
-
-
-def cfa_preserving_ops(cfa: Any) -> list[CropOp]:
-    """The flips/transposes that keep a CFA when the window starts at the right phase. cfa (P,P) -> ops, identity first.
-
-    For each of the 8 transforms, the smallest phase (row-major) such that the transformed
-    window of a multiple-of-P side starts on `cfa` again; transforms with no such phase are left out.
-    """
-    return list(_cfa_ops(tuple(map(tuple, np.asarray(cfa, dtype=np.int64).tolist()))))
-
-
-@functools.lru_cache(maxsize=32)
-def _cfa_ops(key: tuple[tuple[int, ...], ...]) -> tuple[CropOp, ...]:
-    cfa = np.asarray(key, dtype=np.int64)
-    period = cfa.shape[0]
-    side = 2 * period
-    tiled = torch.from_numpy(np.tile(cfa, (3, 3)))
-    ops = []
-    for transpose, flip_rows, flip_cols in itertools.product((False, True), repeat=3):
-        for py, px in itertools.product(range(period), repeat=2):
-            op = CropOp(transpose, flip_rows, flip_cols, (py, px))
-            out = op.apply(tiled[py:py + side, px:px + side])
-            if np.array_equal(out[:period, :period].numpy(), cfa):
-                ops.append(op)
-                break
-    return tuple(ops)
 
 
 def _resolve_path(path: str, root: Path) -> str:
@@ -249,6 +187,8 @@ class SIDPairDataset(Dataset):
         if meta.cfa_period != self.period:
             kind = "X-Trans 6x6" if meta.cfa_period == 6 else "Bayer 2x2"
             raise DataError(f"{path}: has a {kind} CFA but data.camera is {self.camera}; set data.camera to match the files")
+        if not float(meta.white_level) > float(np.max(meta.black_array)):  # synthesize_input(checked=True) relies on it
+            raise DataError(f"{path}: white level {meta.white_level} is not above the black level; the file's metadata is broken")
 
     def _check_crop(self, path: str, height: int, width: int) -> None:
         size = self.crop_size
@@ -292,9 +232,16 @@ class SIDPairDataset(Dataset):
         return isp.ops.normalize(raw, torch.from_numpy(black_after.astype(np.float32)), white), black_after
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.draw(index, self._rng(index) if self.random_crops else None)
+
+    def draw(self, index: int, rng: np.random.Generator | None) -> dict[str, Any]:
+        """Sample `index` with its random crop and transform drawn from `rng` (the trainer's per-sample generator).
+
+        `rng` None, or a split without random crops: the deterministic centre crop or whole frame.
+        """
         record = self.records[index]
         try:
-            return self._sample(index, record)
+            return self._sample(index, record, rng if self.random_crops else None)
         except DataError:
             raise
         except InputError as exc:  # e.g. RawReadError: re-raised as a one-argument DataError so workers can pickle it
@@ -302,7 +249,7 @@ class SIDPairDataset(Dataset):
         except (OSError, ValueError, RuntimeError, IndexError) as exc:
             raise DataError(f"pair {record.short} / {record.long}: {type(exc).__name__}: {exc}") from exc
 
-    def _sample(self, index: int, record: PairRecord) -> dict[str, Any]:
+    def _sample(self, index: int, record: PairRecord, rng: np.random.Generator | None) -> dict[str, Any]:
         long_meta = self.cache.meta(record.long)
         self._check_camera(record.long, long_meta)
         if not self.synthetic_noise:
@@ -310,7 +257,6 @@ class SIDPairDataset(Dataset):
             self._check_pair(record, short_meta, long_meta)
         ratio = exposure_ratio(record.short_exposure_s, record.long_exposure_s, cap=self.ratio_cap)
         ops = cfa_preserving_ops(long_meta.cfa)
-        rng = self._rng(index) if self.random_crops else None
         top, left, height, width, op = self._window(long_meta.height, long_meta.width, record.long, rng, ops)
         box = (top, left, height, width)
         target, black_after = self._normalised(record.long, long_meta, box, op)
@@ -368,6 +314,8 @@ def synthesize_input(
     read_noise: str = "tukey",
     clip: bool = True,
     crosstalk: torch.Tensor | None = None,
+    param_rng: np.random.Generator | None = None,
+    checked: bool = False,
 ) -> torch.Tensor:
     """Dark, aligned input from clean targets. batch['target'] (B,C,h,w) packed or (B,1,H,W) -> same shape, float.
 
@@ -376,20 +324,23 @@ def synthesize_input(
     multiplied by `ratio` (clipped to [0, 1] when `clip`). `crosstalk` (P,P,3,3), when given,
     acts on the clean mosaic first, as it does on the sensor before the noise (the clean target
     stays crosstalk-free, the model the data-consistency loss assumes). Runs on the target's
-    device; a generator must live there too.
+    device; a generator must live there too. `param_rng` (a numpy Generator) draws the per-sample
+    noise parameters on the host instead of `generator`; `checked` skips re-checking values the
+    dataset checked (see `synthesize_dark`): together, nothing is read back from the device.
     """
     target = batch["target"]
-    cfa = batch["cfa"].to(target.device)
+    cfa = batch["cfa"]  # host or device: isp moves it where it computes with it
     count = target.shape[0]
     packed = target.shape[1] != 1
     mosaic = isp.cfa.unpack(target, cfa) if packed else target  # one call when the batch shares a CFA
     if crosstalk is not None:
         mosaic = apply_crosstalk(mosaic, crosstalk.to(mosaic.device))
-    params = [sample_noise_params(noise_camera, generator, read_noise=read_noise) for _ in range(count)]
+    draws = param_rng if param_rng is not None else generator
+    params = [sample_noise_params(noise_camera, draws, read_noise=read_noise) for _ in range(count)]
     ratio = batch["ratio"].to(device=target.device, dtype=target.dtype)
     dark = synthesize_dark(mosaic, ratio, params, batch["black_level"].to(target.device),
-                           batch["white_level"].to(target.device), cfa, generator)
-    aligned = align_exposure(dark, ratio, clip=clip)
+                           batch["white_level"].to(target.device), cfa, generator, checked=checked)
+    aligned = align_exposure(dark, ratio, clip=clip, checked=checked)
     return isp.cfa.pack(aligned, cfa) if packed else aligned
 
 
@@ -407,7 +358,6 @@ def jitter_gains(target: torch.Tensor, cfa: torch.Tensor, amount: float, generat
     spread = math.log1p(amount)
     log_gains = (torch.rand(count, 3, generator=generator, device=target.device, dtype=torch.float64) * 2 - 1) * spread
     gains = log_gains.exp().to(target.dtype)
-    cfa = cfa.to(target.device)
     packed = target.shape[1] != 1
     mosaic = isp.cfa.unpack(target, cfa) if packed else target
     mosaic = isp.ops.white_balance(mosaic, cfa, gains).clamp(0.0, 1.0)  # one gain per colour, at every site of it

@@ -1,12 +1,12 @@
 """The loss stack: RAW terms, sRGB terms on one rendering, and how they are weighted.
 
-`LOSSES` is the registry: LossConfig term name -> module class (each class says its `domain`:
-"raw" compares packed-or-mosaic RAW, "mosaic" the full-resolution mosaic, "srgb" two renders).
-`LossStack` builds the active terms of a `LossConfig` and runs one step of them.
+`LOSSES` is the registry and the only way terms are built: LossConfig term name -> a `LossTerm`
+class that builds itself from its config entry (`from_config`) and declares its `domain`
+("raw": prediction vs target as trained, "mosaic": predicted mosaic vs the dark input's,
+"srgb": the two renders); see `losses.term`. `LossStack` builds the active terms of a
+`LossConfig` through it and runs one step of them.
 """
 from __future__ import annotations
-
-from torch import nn
 
 from rawrestore.losses.perceptual import LPIPSLoss, PerceptualLoss, lpips_loss, perceptual
 from rawrestore.losses.raw import (
@@ -33,6 +33,7 @@ from rawrestore.losses.srgb import (
     neg_psnr,
     ssim_loss,
 )
+from rawrestore.losses.term import BuildContext, LossTerm
 from rawrestore.losses.weighting import (
     WEIGHTINGS,
     FixedWeighting,
@@ -43,8 +44,8 @@ from rawrestore.losses.weighting import (
     uncertainty_weighted,
 )
 
-# LossConfig term name -> module class; defined before `stack` is imported, which reads it.
-LOSSES: dict[str, type[nn.Module]] = {
+# LossConfig term name -> LossTerm class; defined before `stack` is imported, which reads it.
+LOSSES: dict[str, type[LossTerm]] = {
     "raw_l1": L1Loss,
     "charbonnier": CharbonnierLoss,
     "robust": RobustLoss,
@@ -62,7 +63,7 @@ LOSSES: dict[str, type[nn.Module]] = {
 from rawrestore.losses.stack import LossStack  # noqa: E402  (needs LOSSES above)
 
 __all__ = [
-    "LOSSES", "WEIGHTINGS", "LossStack",
+    "LOSSES", "WEIGHTINGS", "LossStack", "LossTerm", "BuildContext",
     "l1", "charbonnier", "robust", "crosstalk_consistency",
     "perceptual", "lpips_loss", "delta_e00", "neg_psnr", "ssim_loss", "ms_ssim_loss", "laplacian_edge", "color_angle",
     "scheduled_weight", "uncertainty_weighted", "softmax_weighted",

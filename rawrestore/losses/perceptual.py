@@ -22,6 +22,7 @@ from torch import nn
 
 from rawrestore import pretrained
 from rawrestore.errors import ConfigError, InputError
+from rawrestore.losses.term import BuildContext, LossTerm
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -162,7 +163,7 @@ def _exclude_from_checkpoints(module: nn.Module) -> None:
     module.register_load_state_dict_pre_hook(restore)
 
 
-class PerceptualLoss(nn.Module):
+class PerceptualLoss(LossTerm):
     """VGG perceptual loss (see `perceptual`). (B,3,H,W), (B,3,H,W) sRGB in [0,1] -> ().
 
     `features` is a torchvision VGG ``features`` stack (build it with `from_pretrained`); only the
@@ -208,6 +209,11 @@ class PerceptualLoss(nn.Module):
         features = pretrained.load_features(arch, weights_path, allow_random=allow_random)
         return cls(features, layers=layers, criterion=criterion, layer_weights=layer_weights)
 
+    @classmethod
+    def from_config(cls, term: Any, context: BuildContext) -> PerceptualLoss:
+        return cls.from_pretrained(term.arch, term.weights, layers=term.layers, criterion=term.criterion,
+                                   layer_weights=term.layer_weights, allow_random=context.allow_random)
+
     def train(self, mode: bool = True) -> PerceptualLoss:
         super().train(mode)
         self.features.eval()  # the backbone is a fixed measuring device
@@ -230,7 +236,7 @@ def lpips_loss(pred: torch.Tensor, target: torch.Tensor, net: nn.Module) -> torc
     return net(pred * 2.0 - 1.0, target * 2.0 - 1.0).mean()
 
 
-class LPIPSLoss(nn.Module):
+class LPIPSLoss(LossTerm):
     """LPIPS v0.1 as a loss (see `lpips_loss`). (B,3,H,W), (B,3,H,W) sRGB in [0,1] -> ().
 
     `net` is an `lpips.LPIPS` built by `rawrestore.pretrained.build_lpips` (`from_pretrained`);
@@ -252,6 +258,10 @@ class LPIPSLoss(nn.Module):
     def from_pretrained(cls, net: str = "alex", weights_path: str | Path | None = None, allow_random: bool = False) -> LPIPSLoss:
         """LPIPS with the offline `net` trunk ('alex', 'vgg', 'squeeze'). -> LPIPSLoss; WeightsError if missing."""
         return cls(pretrained.build_lpips(net, weights_path, allow_random=allow_random))
+
+    @classmethod
+    def from_config(cls, term: Any, context: BuildContext) -> LPIPSLoss:
+        return cls.from_pretrained(term.net, term.weights, allow_random=context.allow_random)
 
     def train(self, mode: bool = True) -> LPIPSLoss:
         super().train(mode)

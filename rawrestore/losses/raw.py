@@ -8,14 +8,15 @@ full-resolution mosaic only: give it packed RAW together with the CFA and it unp
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from isp.cfa import unpack
 from rawrestore.errors import InputError
-from rawrestore.physics.crosstalk import apply_crosstalk
+from rawrestore.losses.term import BuildContext, LossTerm
+from rawrestore.physics.crosstalk import apply_crosstalk, build_kernel, check_kernel_spec
 
 __all__ = [
     "l1",
@@ -128,7 +129,7 @@ def crosstalk_consistency(
     return (apply_crosstalk(pred_mosaic, kernel) - aligned_input_mosaic).abs().mean()
 
 
-class L1Loss(nn.Module):
+class L1Loss(LossTerm):
     """Module form of `l1`. (B,C,H,W), (B,C,H,W) -> ()."""
 
     domain: ClassVar[str] = "raw"
@@ -137,10 +138,14 @@ class L1Loss(nn.Module):
         return l1(pred, target)
 
 
-class CharbonnierLoss(nn.Module):
+class CharbonnierLoss(LossTerm):
     """Module form of `charbonnier` with a fixed eps. (B,C,H,W), (B,C,H,W) -> ()."""
 
     domain: ClassVar[str] = "raw"
+
+    @classmethod
+    def from_config(cls, term: Any, context: BuildContext) -> CharbonnierLoss:
+        return cls(term.eps)
 
     def __init__(self, eps: float = 1e-3):
         super().__init__()
@@ -155,10 +160,14 @@ class CharbonnierLoss(nn.Module):
         return f"eps={self.eps}"
 
 
-class RobustLoss(nn.Module):
+class RobustLoss(LossTerm):
     """Module form of `robust` with fixed alpha and scale. (B,C,H,W), (B,C,H,W) -> ()."""
 
     domain: ClassVar[str] = "raw"
+
+    @classmethod
+    def from_config(cls, term: Any, context: BuildContext) -> RobustLoss:
+        return cls(term.alpha, term.scale)
 
     def __init__(self, alpha: float = 1.0, scale: float = 0.01):
         super().__init__()
@@ -175,19 +184,41 @@ class RobustLoss(nn.Module):
         return f"alpha={self.alpha}, scale={self.scale}"
 
 
-class CrosstalkConsistencyLoss(nn.Module):
-    """Module form of `crosstalk_consistency`; the (P,P,3,3) kernel is a non-persistent buffer. mosaics (B,1,H,W) -> ()."""
+class CrosstalkConsistencyLoss(LossTerm):
+    """Module form of `crosstalk_consistency`. mosaics (B,1,H,W) -> ().
+
+    The (P,P,3,3) kernel is a non-persistent buffer (it comes from the config, not a
+    checkpoint). Built from a `spec` without a kernel, it builds the kernel for the CFA period of
+    the first `cfa` it is called with; a batch of another period is an InputError.
+    """
 
     domain: ClassVar[str] = "mosaic"
 
-    def __init__(self, kernel: torch.Tensor):
+    def __init__(self, kernel: torch.Tensor | None = None, spec: str | None = None):
         super().__init__()
-        if not isinstance(kernel, torch.Tensor) or kernel.ndim != 4 or kernel.shape[2:] != (3, 3) or kernel.shape[0] != kernel.shape[1]:
+        if kernel is None:
+            if spec is None:
+                raise InputError("CrosstalkConsistencyLoss needs a (P,P,3,3) kernel or a kernel spec")
+            check_kernel_spec(spec)
+        elif not isinstance(kernel, torch.Tensor) or kernel.ndim != 4 or kernel.shape[2:] != (3, 3) or kernel.shape[0] != kernel.shape[1]:
             raise InputError(f"crosstalk kernel must be a (P,P,3,3) tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}")
-        # Not persistent: the kernel comes from the config, not from a checkpoint.
-        self.register_buffer("kernel", kernel.detach().clone(), persistent=False)
+        self.spec = spec
+        self.register_buffer("kernel", None if kernel is None else kernel.detach().clone(), persistent=False)
+
+    @classmethod
+    def from_config(cls, term: Any, context: BuildContext) -> CrosstalkConsistencyLoss:
+        period = context.cfa_period
+        spec = context.crosstalk_kernel
+        return cls(build_kernel(spec, period), spec=spec) if period is not None else cls(spec=spec)
 
     def forward(self, pred_mosaic: torch.Tensor, aligned_input_mosaic: torch.Tensor, cfa=None, packed: bool = False) -> torch.Tensor:
+        if self.kernel is None:
+            if cfa is None:
+                raise InputError("crosstalk consistency built from a spec needs the batch's cfa to pick its kernel")
+            self.kernel = build_kernel(self.spec, int(torch.as_tensor(cfa).shape[-1])).to(pred_mosaic.device)
+        elif cfa is not None and torch.as_tensor(cfa).shape[-1] != self.period:
+            raise InputError(f"crosstalk kernel is for CFA period {self.period} but the batch has period "
+                             f"{torch.as_tensor(cfa).shape[-1]}; one stack per camera")
         return crosstalk_consistency(pred_mosaic, aligned_input_mosaic, self.kernel, cfa=cfa, packed=packed)
 
     @property

@@ -7,7 +7,7 @@ every term. The network-based terms (VGG perceptual, LPIPS) live in `perceptual.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytorch_msssim
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from isp.color import delta_e2000, srgb_to_lab
 from rawrestore.errors import InputError
+from rawrestore.losses.term import BuildContext, LossTerm
 
 __all__ = [
     "delta_e00",
@@ -163,7 +164,7 @@ def color_angle(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(defined, angle, torch.zeros_like(angle)).mean()
 
 
-class DeltaE00Loss(nn.Module):
+class DeltaE00Loss(LossTerm):
     """Module form of `delta_e00`. (B,3,H,W), (B,3,H,W) -> ()."""
 
     domain: ClassVar[str] = "srgb"
@@ -172,7 +173,7 @@ class DeltaE00Loss(nn.Module):
         return delta_e00(pred, target)
 
 
-class PSNRLoss(nn.Module):
+class PSNRLoss(LossTerm):
     """Module form of `neg_psnr` (minus the mean per-image PSNR, dB). (B,3,H,W), (B,3,H,W) -> ()."""
 
     domain: ClassVar[str] = "srgb"
@@ -181,7 +182,7 @@ class PSNRLoss(nn.Module):
         return neg_psnr(pred, target)
 
 
-class SSIMLoss(nn.Module):
+class SSIMLoss(LossTerm):
     """Module form of `ssim_loss` (1 - SSIM). (B,3,H,W), (B,3,H,W) -> ()."""
 
     domain: ClassVar[str] = "srgb"
@@ -190,10 +191,14 @@ class SSIMLoss(nn.Module):
         return ssim_loss(pred, target)
 
 
-class MSSSIMLoss(nn.Module):
+class MSSSIMLoss(LossTerm):
     """Module form of `ms_ssim_loss` (1 - MS-SSIM), with its small-crop `fallback` flag. (B,3,H,W) x2 -> ()."""
 
     domain: ClassVar[str] = "srgb"
+
+    @classmethod
+    def from_config(cls, term: Any, context: BuildContext) -> MSSSIMLoss:
+        return cls(fallback=term.fallback)
 
     def __init__(self, fallback: bool = False):
         super().__init__()
@@ -206,7 +211,7 @@ class MSSSIMLoss(nn.Module):
         return f"fallback={self.fallback}"
 
 
-class LaplacianEdgeLoss(nn.Module):
+class LaplacianEdgeLoss(LossTerm):
     """Module form of `laplacian_edge`. (B,3,H,W), (B,3,H,W) -> ()."""
 
     domain: ClassVar[str] = "srgb"
@@ -215,7 +220,7 @@ class LaplacianEdgeLoss(nn.Module):
         return laplacian_edge(pred, target)
 
 
-class ColorAngleLoss(nn.Module):
+class ColorAngleLoss(LossTerm):
     """Module form of `color_angle` (radians). (B,3,H,W), (B,3,H,W) -> ()."""
 
     domain: ClassVar[str] = "srgb"

@@ -17,26 +17,23 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from isp.cfa import unpack
 from isp.pipeline import ISP
-from rawrestore.config.schema import LossConfig, LossTermConfig
+from rawrestore.config.schema import LossConfig
 from rawrestore.errors import ConfigError, InputError, WeightsError
 from rawrestore.losses import LOSSES
-from rawrestore.losses.perceptual import LPIPSLoss, PerceptualLoss
-from rawrestore.losses.raw import CharbonnierLoss, CrosstalkConsistencyLoss, RobustLoss
-from rawrestore.losses.srgb import MSSSIMLoss
+from rawrestore.losses.term import DOMAINS, BuildContext
 from rawrestore.losses.weighting import WEIGHTINGS, FixedWeighting
-from rawrestore.physics.crosstalk import build_kernel
 
 __all__ = ["LossStack", "BATCH_KEYS"]
 
 _log = logging.getLogger("rawrestore.losses")
 
 BATCH_KEYS = ("target", "input", "cfa", "wb", "cam_to_srgb")  # plus optional "packed"
-_PRETRAINED = ("perceptual", "lpips")
 
 
 def render_window(pred: torch.Tensor, target: torch.Tensor, fraction: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,50 +45,33 @@ def render_window(pred: torch.Tensor, target: torch.Tensor, fraction: float, ste
     """
     height, width = pred.shape[-2:]
     h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
-    generator = torch.Generator().manual_seed(int(step))
-    top = int(torch.randint(height - h + 1, (), generator=generator))
-    left = int(torch.randint(width - w + 1, (), generator=generator))
+    rng = np.random.default_rng(int(step))  # host numbers: placing the window reads nothing from the device
+    top = int(rng.integers(height - h + 1))
+    left = int(rng.integers(width - w + 1))
     return pred[..., top:top + h, left:left + w], target[..., top:top + h, left:left + w]
 
 
-def _build_term(name: str, term: LossTermConfig, allow_random: bool, period: int | None, kernel_spec: str) -> nn.Module | None:
-    """One term module from its config entry; None for crosstalk whose CFA period is not known yet."""
-    if name == "charbonnier":
-        return CharbonnierLoss(term.eps)
-    if name == "robust":
-        return RobustLoss(term.alpha, term.scale)
-    if name == "crosstalk":
-        return None if period is None else CrosstalkConsistencyLoss(build_kernel(kernel_spec, period))
-    if name == "perceptual":
-        return PerceptualLoss.from_pretrained(
-            term.arch, term.weights, layers=term.layers, criterion=term.criterion,
-            layer_weights=term.layer_weights, allow_random=allow_random,
-        )
-    if name == "lpips":
-        return LPIPSLoss.from_pretrained(term.net, term.weights, allow_random=allow_random)
-    if name == "ms_ssim":
-        return MSSSIMLoss(fallback=term.fallback)
-    return LOSSES[name]()
-
-
 class LossStack(nn.Module):
-    """The configured loss terms for one step. forward(pred (B,4|9,h,w) packed or (B,1,H,W), batch, step) -> (total (), report).
+    """The configured loss terms for one step. forward(pred (B,4|9,h,w) packed or (B,1,H,W), batch, step) -> (total (), values).
 
     `batch` holds `target` (like pred), `input` (the exposure-aligned dark input, like pred),
     `cfa` (P,P) or (B,P,P), `wb` (3,) or (B,3), `cam_to_srgb` (3,3) or (B,3,3) and optionally
     `packed` (bool or a (B,) bool tensor; inferred from pred's channels, 1 = mosaic, if absent).
 
-    Building. `total_steps` is the run length the schedules refer to; `cfa_period` (2 or 6)
-    builds the crosstalk kernel at once (otherwise at the first step, from the batch's CFA).
-    VGG/LPIPS weights missing -> `WeightsError` right here, naming the file and the fix; with
+    Building. Every active term is built by its registry entry, `LOSSES[name].from_config(
+    config.<name>, context)`, and run on the inputs its `domain` names (`losses.term`).
+    `total_steps` is the run length the schedules refer to; `cfa_period` (2 or 6) goes to the
+    terms that need it (crosstalk; otherwise they take the first batch's). Pretrained weights
+    missing -> `WeightsError` right here, naming the file and the fix; with
     `config.drop_missing_pretrained` those terms are left out instead and ONE warning line is
-    logged (`stack.dropped` lists them); `config.allow_random_backbones` (tests and benchmarks
-    only, it takes precedence) builds random backbones and logs a loud line.
+    logged (`stack.dropped` lists them); `allow_random_backbones=True` (tests and benchmarks
+    only, not a config key) builds random backbones and logs a loud line.
 
-    Report: for each active term `report[name]` = its raw value and `report[name + "/weight"]`
-    = its effective weight this step, plus `report["total"]`, all floats (one device sync).
+    Output. `values[name]` is each active term's raw value, a detached () tensor on the
+    device: nothing is read back to the host. `report(values, step)` turns them into floats
+    (one transfer) with each term's effective weight as `name + "/weight"` and the `"total"`.
     Under fixed weighting a term whose scheduled weight is 0 this step is evaluated without a
-    graph, for the report only.
+    graph, for the values only.
 
     Learnable weightings keep their parameters in `stack.weighting`: give
     `stack.trainable_parameters()` to the optimiser; `stack.state_dict()` holds them, and never
@@ -100,7 +80,8 @@ class LossStack(nn.Module):
     sRGB term is active: prediction and target).
     """
 
-    def __init__(self, config: LossConfig, total_steps: int, cfa_period: int | None = None):
+    def __init__(self, config: LossConfig, total_steps: int, cfa_period: int | None = None,
+                 allow_random_backbones: bool = False):
         super().__init__()
         if not isinstance(config, LossConfig):
             raise ConfigError(f"LossStack needs a LossConfig, got {type(config).__name__}")
@@ -115,23 +96,22 @@ class LossStack(nn.Module):
             raise ConfigError(f"loss terms {unknown} have no implementation; known terms: {sorted(LOSSES)}")
         self.config = config
         self.total_steps = total_steps
-        self.crosstalk_spec = config.crosstalk_kernel
         self.dropped: list[str] = []
         self.random_backbones: list[str] = []
+        context = BuildContext(cfa_period, config.crosstalk_kernel)
 
-        built: dict[str, nn.Module | None] = {}
+        built: dict[str, nn.Module] = {}
         missing: list[str] = []
-        # Pretrained terms first, so missing weights fail before anything else is built.
-        for name in sorted(active, key=lambda n: n not in _PRETRAINED):
-            term = active[name]
-            if name not in _PRETRAINED:
-                built[name] = _build_term(name, term, False, cfa_period, config.crosstalk_kernel)
-                continue
+        # Terms with pretrained backbones first, so missing weights fail before anything else is built.
+        for name in sorted(active, key=lambda n: not LOSSES[n].frozen_backbone):
+            entry, term = LOSSES[name], active[name]
+            if entry.domain not in DOMAINS:
+                raise ConfigError(f"loss term '{name}' declares domain {entry.domain!r}; expected one of {DOMAINS}")
             try:
-                built[name] = _build_term(name, term, False, cfa_period, config.crosstalk_kernel)
+                built[name] = entry.from_config(term, context)
             except WeightsError as error:
-                if config.allow_random_backbones:
-                    built[name] = _build_term(name, term, True, cfa_period, config.crosstalk_kernel)
+                if allow_random_backbones:
+                    built[name] = entry.from_config(term, BuildContext(cfa_period, config.crosstalk_kernel, True))
                     self.random_backbones.append(name)
                 elif config.drop_missing_pretrained:
                     self.dropped.append(name)
@@ -141,8 +121,6 @@ class LossStack(nn.Module):
                         f"loss term '{name}' (weights file: loss.{name}.weights): {error}; "
                         f"or set loss.{name}.weight: 0 / loss.drop_missing_pretrained: true"
                     ) from None
-        if "crosstalk" in active and cfa_period is None:
-            _check_kernel_spec(config.crosstalk_kernel)  # the real period comes with the first batch
         if self.random_backbones:
             _log.warning(
                 "LOSS STACK USES RANDOM %s BACKBONE(S) (allow_random_backbones=True): their values mean nothing; "
@@ -156,7 +134,7 @@ class LossStack(nn.Module):
         self.term_names = tuple(name for name in active if name not in self.dropped)
         if not self.term_names:
             raise ConfigError("loss: every active term was left out for missing pretrained weights; turn on another term")
-        self.terms = nn.ModuleDict({name: built[name] for name in self.term_names if built.get(name) is not None})
+        self.terms = nn.ModuleDict({name: built[name] for name in self.term_names})
         self.domains = {name: LOSSES[name].domain for name in self.term_names}
 
         kept = {name: active[name] for name in self.term_names}
@@ -183,18 +161,25 @@ class LossStack(nn.Module):
         self.renders_last_step += 1
         return self.isp(mosaic, batch["cfa"], batch["wb"], batch["cam_to_srgb"], packed=False)
 
-    def _crosstalk_term(self, cfa: Any, device: torch.device) -> CrosstalkConsistencyLoss:
-        """The crosstalk module for the batch's CFA period, built on first use (when cfa_period was not given)."""
-        period = int(torch.as_tensor(cfa).shape[-1])
-        module = self.terms["crosstalk"] if "crosstalk" in self.terms else None
-        if module is None:
-            module = CrosstalkConsistencyLoss(build_kernel(self.crosstalk_spec, period)).to(device)
-            self.terms["crosstalk"] = module
-        if module.period != period:
-            raise InputError(f"crosstalk kernel is for CFA period {module.period} but the batch has period {period}; one stack per camera")
-        return module
+    def weights_now(self, step: int) -> dict[str, float]:
+        """{term: effective weight at `step`} (a host read for learnable weightings)."""
+        return {name: float(weight) for name, weight in self.weighting.effective_weights(step).items()}
 
-    def forward(self, pred: torch.Tensor, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def report(self, values: Mapping[str, torch.Tensor], step: int, total: torch.Tensor | None = None) -> dict[str, float]:
+        """Floats for a log: each term's value and `name/weight`, and `total` (recomputed when not given); one transfer."""
+        tensors = [values[name].reshape(()).double() for name in self.term_names]
+        if total is not None:
+            tensors.append(total.detach().reshape(()).double())
+        numbers = torch.stack(tensors).tolist()
+        weights = self.weights_now(step)
+        out: dict[str, float] = {}
+        for index, name in enumerate(self.term_names):
+            out[name] = numbers[index]
+            out[f"{name}/weight"] = weights[name]
+        out["total"] = numbers[-1] if total is not None else sum(weights[n] * out[n] for n in self.term_names)
+        return out
+
+    def forward(self, pred: torch.Tensor, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         missing = [key for key in BATCH_KEYS if key not in batch]
         if missing:
             raise InputError(f"loss batch lacks {missing}; it needs {list(BATCH_KEYS)} (+ optional 'packed')")
@@ -206,62 +191,44 @@ class LossStack(nn.Module):
         packed = _packed_flag(batch, pred)
         self.renders_last_step = 0
         learnable = getattr(self.weighting, "learnable", False)
-        weights = self.weighting.effective_weights(step)
+        weights = None if learnable else self.weighting.effective_weights(step)  # host numbers: fixed schedules only
         values: dict[str, torch.Tensor] = {}
 
-        def run(name: str, *args: Any) -> None:
-            module = self._crosstalk_term(cfa, pred.device) if name == "crosstalk" else self.terms[name]
+        def run(name: str, *args: Any, **kwargs: Any) -> None:
+            module = self.terms[name]
             with torch.set_grad_enabled(torch.is_grad_enabled() and (learnable or weights[name] > 0)):
-                if self.backbone_dtype is not None and name in _PRETRAINED:
+                if self.backbone_dtype is not None and module.frozen_backbone:
                     with torch.autocast(pred.device.type, dtype=self.backbone_dtype):
-                        values[name] = module(*args).float()
+                        values[name] = module(*args, **kwargs).float()
                 else:
-                    values[name] = module(*args)
+                    values[name] = module(*args, **kwargs)
 
-        for name in self.term_names:
-            if self.domains[name] == "raw":
-                run(name, pred, target)
-        srgb_terms = [name for name in self.term_names if self.domains[name] == "srgb"]
-        if "crosstalk" in self.domains or srgb_terms:
+        by_domain = {domain: [n for n in self.term_names if self.domains[n] == domain] for domain in DOMAINS}
+        for name in by_domain["raw"]:
+            run(name, pred, target)
+        if by_domain["mosaic"] or by_domain["srgb"]:
             pred_mosaic = unpack(pred, cfa) if packed else pred
-            if "crosstalk" in self.domains:
-                aligned = batch["input"]
-                run("crosstalk", pred_mosaic, unpack(aligned, cfa) if packed else aligned)
-            if srgb_terms:
+            if by_domain["mosaic"]:
+                aligned = unpack(batch["input"], cfa) if packed else batch["input"]
+                for name in by_domain["mosaic"]:
+                    run(name, pred_mosaic, aligned, cfa=cfa)
+            if by_domain["srgb"]:
                 target_mosaic = unpack(target, cfa) if packed else target
                 pred_srgb = self.render(pred_mosaic, batch)
                 with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
                     target_srgb = self.render(target_mosaic, batch)
                 window = self.config.backbone_window
-                for name in srgb_terms:
-                    if name in _PRETRAINED and window < 1.0:
+                for name in by_domain["srgb"]:
+                    if self.terms[name].frozen_backbone and window < 1.0:
                         run(name, *render_window(pred_srgb, target_srgb, window, step))
                     else:
                         run(name, pred_srgb, target_srgb)
         total = self.weighting({name: values[name] for name in self.term_names}, step)
-        numbers = torch.stack([values[name].detach().reshape(()).to(total.dtype) for name in self.term_names] + [total.detach()])
-        numbers = numbers.tolist()  # one device sync for the whole report
-        report: dict[str, float] = {}
-        for index, name in enumerate(self.term_names):
-            report[name] = numbers[index]
-            report[f"{name}/weight"] = float(weights[name])
-        report["total"] = numbers[-1]
-        return total, report
+        return total, {name: values[name].detach().reshape(()) for name in self.term_names}
 
     def extra_repr(self) -> str:
         dropped = f", dropped={self.dropped}" if self.dropped else ""
         return f"terms={list(self.term_names)}, weighting={self.config.weighting}, total_steps={self.total_steps}{dropped}"
-
-
-def _check_kernel_spec(spec: str) -> None:
-    """Fail now on a crosstalk kernel spec that fits neither CFA period (bad spelling, missing file)."""
-    try:
-        build_kernel(spec, 2)
-    except ConfigError as bayer_error:
-        try:
-            build_kernel(spec, 6)
-        except ConfigError:
-            raise bayer_error from None
 
 
 def _packed_flag(batch: Mapping[str, Any], pred: torch.Tensor) -> bool:

@@ -81,10 +81,6 @@ class Evaluator:
             unique.setdefault((row.name, row.ratio), row)
         return list(unique.values())
 
-    def reset(self) -> None:
-        """Forget all rows. None -> None."""
-        self._rows = []
-
     def add(
         self,
         name: str,

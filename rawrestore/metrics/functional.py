@@ -13,6 +13,7 @@ from torch import nn
 
 from isp.color import delta_e2000, srgb_to_lab
 from isp.errors import InputError
+from rawrestore.metrics import ciede2000
 
 __all__ = [
     "psnr",
@@ -121,8 +122,16 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
 
 
 def delta_e00(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean CIEDE2000 over pixels. pred, target (B,3,H,W) sRGB in [0,1] -> (B,) float64 dE00."""
+    """Mean CIEDE2000 over pixels. pred, target (B,3,H,W) sRGB in [0,1] -> (B,) float64 dE00.
+
+    On the CPU without gradients: the compiled per-pixel kernel (`metrics.ciede2000`, float64
+    inside, ~10x colour-science); otherwise the differentiable `isp.color` path in the inputs' dtype.
+    """
     _check_pair(pred, target, "delta_e00", channels=3)
+    needs_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    if pred.device.type == "cpu" and target.device.type == "cpu" and not needs_grad and ciede2000.available():
+        means = ciede2000.mean_delta_e00(pred.detach().numpy(), target.detach().numpy())
+        return torch.from_numpy(means)
     difference = delta_e2000(srgb_to_lab(pred), srgb_to_lab(target))
     return difference.flatten(1).mean(dim=1, dtype=torch.float64)
 

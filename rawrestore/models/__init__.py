@@ -1,7 +1,13 @@
-"""Restoration networks, packed RAW -> packed RAW. The registry is the dict literal `MODELS`."""
+"""Restoration networks, packed RAW -> packed RAW. The registry is the dict literal `MODELS`, the only way they are built.
+
+Each entry is a `ModelSpec`: the network class and how its own options follow from the
+`model:` config. Every class is called as `cls(in_channels=..., out_channels=..., residual=...,
+**spec.options(model_config))`; `build_model_from_config` adds the noise-map channel and wrapper.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
@@ -13,14 +19,39 @@ from rawrestore.models.unet import UNet
 if TYPE_CHECKING:
     from rawrestore.config.schema import ModelConfig
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "nafnet": NAFNet}
+
+def _no_options(model: ModelConfig) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered network: its class and the keyword options it takes from the `model:` config."""
+
+    cls: type[nn.Module]
+    options: Callable[[ModelConfig], dict[str, Any]] = _no_options
+
+
+def _unet_options(model: ModelConfig) -> dict[str, Any]:
+    return {"base": model.width, "width_mult": model.width_mult}
+
+
+def _nafnet_options(model: ModelConfig) -> dict[str, Any]:
+    return {"width": round(model.width * model.width_mult), "enc_blocks": model.nafnet_blocks,
+            "middle_blocks": model.nafnet_middle_blocks, "dec_blocks": model.nafnet_dec_blocks}
+
+
+MODELS: dict[str, ModelSpec] = {
+    "unet": ModelSpec(UNet, _unet_options),
+    "nafnet": ModelSpec(NAFNet, _nafnet_options),
+}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Instantiate `MODELS[name](**kwargs)`; an unknown name is a ConfigError listing the known ones."""
+    """Instantiate `MODELS[name].cls(**kwargs)`; an unknown name is a ConfigError listing the known ones."""
     if name not in MODELS:
         raise ConfigError(f"model.name: unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
-    return MODELS[name](**kwargs)
+    return MODELS[name].cls(**kwargs)
 
 
 def build_model_from_config(model: ModelConfig, in_channels: int) -> nn.Module:
@@ -30,20 +61,11 @@ def build_model_from_config(model: ModelConfig, in_channels: int) -> nn.Module:
     (`NoiseConditioned`), and the residual connection moves to the wrapper.
     """
     extra = 1 if model.noise_map else 0
-    residual = model.residual and not model.noise_map
-    if model.name == "unet":
-        net = build_model(
-            "unet", in_channels=in_channels + extra, out_channels=in_channels, base=model.width,
-            width_mult=model.width_mult, residual=residual,
-        )
-    elif model.name == "nafnet":
-        net = build_model(
-            "nafnet", in_channels=in_channels + extra, out_channels=in_channels,
-            width=round(model.width * model.width_mult), enc_blocks=model.nafnet_blocks,
-            middle_blocks=model.nafnet_middle_blocks, dec_blocks=model.nafnet_dec_blocks, residual=residual,
-        )
-    else:  # a model registered in MODELS by the user: out_channels only when it must differ from in_channels
-        net = build_model(model.name, in_channels=in_channels + extra, **({"out_channels": in_channels} if extra else {}))
+    if model.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {model.name!r} (known: {', '.join(sorted(MODELS))})")
+    spec = MODELS[model.name]
+    net = spec.cls(in_channels=in_channels + extra, out_channels=in_channels,
+                   residual=model.residual and not model.noise_map, **spec.options(model))
     return NoiseConditioned(net, in_channels, residual=model.residual) if model.noise_map else net
 
 
@@ -53,5 +75,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 __all__ = [
-    "MODELS", "UNet", "NAFNet", "NAFBlock", "NoiseConditioned", "build_model", "build_model_from_config", "count_parameters",
+    "MODELS", "ModelSpec", "UNet", "NAFNet", "NAFBlock", "NoiseConditioned", "build_model", "build_model_from_config",
+    "count_parameters",
 ]

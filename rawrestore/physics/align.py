@@ -11,9 +11,9 @@ import numbers
 
 import torch
 
+from rawrestore.config.schema import SID_RATIO_CAP
 from rawrestore.errors import DataError, InputError
 
-SID_RATIO_CAP = 300.0
 
 
 def exposure_ratio(short_s: float, long_s: float, cap: float = SID_RATIO_CAP, strict: bool = False) -> float:
@@ -38,11 +38,12 @@ def exposure_ratio(short_s: float, long_s: float, cap: float = SID_RATIO_CAP, st
     return ratio
 
 
-def align_exposure(short: torch.Tensor, ratio: float | torch.Tensor, clip: bool = False) -> torch.Tensor:
+def align_exposure(short: torch.Tensor, ratio: float | torch.Tensor, clip: bool = False, checked: bool = False) -> torch.Tensor:
     """Amplified short exposure. short (B,C,H,W) normalised, ratio float or (B,) -> (B,C,H,W) short * ratio.
 
     With `clip=True` the result is clamped to [0, 1] (SID's `np.minimum(x * ratio, 1)` after its
     `max(raw - black, 0)`); differentiable either way (clamp has zero gradient where it clips).
+    `checked=True`: the caller vouches that tensor ratios are positive and finite (not read back to check).
     """
     if not isinstance(short, torch.Tensor) or short.ndim != 4:
         raise InputError(f"short exposure must be a (B,C,H,W) tensor, got {getattr(short, 'shape', type(short).__name__)}")
@@ -51,7 +52,7 @@ def align_exposure(short: torch.Tensor, ratio: float | torch.Tensor, clip: bool 
             ratio = ratio.reshape(1)
         if ratio.ndim != 1 or ratio.shape[0] not in (1, short.shape[0]):
             raise InputError(f"ratio must be a float or a (B,) tensor with B={short.shape[0]}, got shape {tuple(ratio.shape)}")
-        if bool((ratio <= 0).any()) or not bool(torch.isfinite(ratio).all()):
+        if not checked and (bool((ratio <= 0).any()) or not bool(torch.isfinite(ratio).all())):
             raise InputError("exposure ratios must be positive and finite; compute them with exposure_ratio()")
         scale = ratio.to(device=short.device, dtype=short.dtype).reshape(-1, 1, 1, 1)
     else:

@@ -271,3 +271,14 @@ __all__ = [
     "build_kernel",
     "Crosstalk",
 ]
+
+
+def check_kernel_spec(spec: str) -> None:
+    """Fail now (ConfigError) on a kernel spec that fits neither CFA period: bad spelling, missing file."""
+    try:
+        build_kernel(spec, 2)
+    except ConfigError as bayer_error:
+        try:
+            build_kernel(spec, 6)
+        except ConfigError:
+            raise bayer_error from None

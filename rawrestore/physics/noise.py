@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 
 from rawrestore.errors import ConfigError, DataError, InputError
@@ -215,14 +216,15 @@ def _parse_fit(camera: str, raw: dict[str, Any]) -> CameraNoiseFit:
 
 def sample_noise_params(
     camera: str = DEFAULT_CAMERA,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | np.random.Generator | None = None,
     read_noise: ReadNoise = "tukey",
     profile: str = DEFAULT_PROFILE,
 ) -> NoiseParams:
     """Draw one capture's noise from the ELD calibration of `camera`. -> NoiseParams (DN units).
 
     The same generator state gives the same K, scales, lambda and colour bias whichever
-    `read_noise` is asked for (every draw is made either way).
+    `read_noise` is asked for (every draw is made either way). A numpy Generator draws on the
+    host (no device tensor is read back: what a training step uses).
     """
     if read_noise not in READ_NOISE_KINDS:
         raise ConfigError(f"read_noise must be one of {READ_NOISE_KINDS}, got {read_noise!r}")
@@ -230,11 +232,17 @@ def sample_noise_params(
     if profile not in fit.profiles:
         raise ConfigError(f"camera {camera!r} has no noise profile {profile!r}; choose one of {sorted(fit.profiles)}")
     fits = fit.profiles[profile]
-    device = generator.device if generator is not None else torch.device("cpu")
-    uniform_k = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
-    z_tukey, z_gauss, z_row = torch.randn(3, generator=generator, device=device, dtype=torch.float64).tolist()
-    lam_index = int(torch.randint(len(fit.tukey_lambdas), (), generator=generator, device=device).item())
-    bias_index = int(torch.randint(len(fit.color_biases), (), generator=generator, device=device).item())
+    if isinstance(generator, np.random.Generator):
+        uniform_k = float(generator.random())
+        z_tukey, z_gauss, z_row = (float(z) for z in generator.standard_normal(3))
+        lam_index = int(generator.integers(len(fit.tukey_lambdas)))
+        bias_index = int(generator.integers(len(fit.color_biases)))
+    else:
+        device = generator.device if generator is not None else torch.device("cpu")
+        uniform_k = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
+        z_tukey, z_gauss, z_row = torch.randn(3, generator=generator, device=device, dtype=torch.float64).tolist()
+        lam_index = int(torch.randint(len(fit.tukey_lambdas), (), generator=generator, device=device).item())
+        bias_index = int(torch.randint(len(fit.color_biases), (), generator=generator, device=device).item())
 
     log_k = math.log(fit.k_min) + uniform_k * (math.log(fit.k_max) - math.log(fit.k_min))
 
@@ -260,6 +268,7 @@ def add_noise(
     params: NoiseParams | Sequence[NoiseParams],
     cfa: Any,
     generator: torch.Generator | None = None,
+    checked: bool = False,
 ) -> torch.Tensor:
     """Noisy reading. clean_dn (B,1,H,W) DN above black (negatives read as 0) -> (B,1,H,W) DN, unclipped.
 
@@ -288,7 +297,7 @@ def add_noise(
     read = _read_noise(clean.shape, per_sample([p.tukey_lambda for p in plist]), is_gaussian, generator, device, work)
     row = torch.randn((batch, 1, height, 1), generator=generator, device=device, dtype=work)
     quant = torch.rand(clean.shape, generator=generator, device=device, dtype=work) - 0.5
-    bias = _tile_sites(_bias_per_site(plist, cfa, batch, device, work), height, width)
+    bias = _tile_sites(_bias_per_site(plist, cfa, batch, device, work, checked), height, width)
     noisy = shot + read * read_scale + row * row_scale + quant * quant_step + bias
     return noisy.to(clean_dn.dtype)
 
@@ -301,6 +310,7 @@ def synthesize_dark(
     white_level: Any,
     cfa: Any,
     generator: torch.Generator | None = None,
+    checked: bool = False,
 ) -> torch.Tensor:
     """Synthetic short exposure. clean_long (B,1,H,W) normalised, ratio float or (B,) -> (B,1,H,W) normalised.
 
@@ -309,6 +319,9 @@ def synthesize_dark(
     so values lie in [-black / (white - black), 1]: like a real short exposure normalised the
     same way. `black_level` is a number, (P,P) per CFA site or (B,P,P); `white_level` a number
     or (B,). Multiply by the ratio (align_exposure) to compare with the long exposure.
+    `checked=True`: the caller vouches for the values (positive finite ratios, white above
+    black, CFA indices 0..2: the dataset checked them per file), so they are not read back
+    from the device to check them again (shapes are always checked).
     """
     _check_mosaic(clean_long, "clean_long")
     batch, _, height, width = clean_long.shape
@@ -316,11 +329,11 @@ def synthesize_dark(
     black = _site_map(black_level, "black_level", batch, height, width, device, dtype)
     white = _site_map(white_level, "white_level", batch, height, width, device, dtype)
     span = white - black
-    if not bool((span > 0).all()):
+    if not checked and not bool((span > 0).all()):
         raise InputError("white_level must be above black_level at every CFA site; check the camera metadata")
-    scale = _ratio_tensor(ratio, batch, device, dtype)
+    scale = _ratio_tensor(ratio, batch, device, dtype, checked)
     clean_dn = clean_long.clamp_min(0.0) * span / scale
-    noisy_dn = add_noise(clean_dn, params, cfa, generator)
+    noisy_dn = add_noise(clean_dn, params, cfa, generator, checked)
     noisy_dn = torch.minimum(torch.maximum(noisy_dn, -black), span)
     return noisy_dn / span
 
@@ -369,7 +382,8 @@ def _read_noise(shape: torch.Size, lam: torch.Tensor, is_gaussian: list[bool], g
     return torch.where(upper, -lower_tail, lower_tail)
 
 
-def _bias_per_site(plist: list[NoiseParams], cfa: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _bias_per_site(plist: list[NoiseParams], cfa: Any, batch: int, device: torch.device, dtype: torch.dtype,
+                   checked: bool = False) -> torch.Tensor:
     """Colour bias of each CFA site. -> (B,1,P,P) DN."""
     try:
         cfa_t = torch.as_tensor(cfa, device=device).long()
@@ -379,7 +393,7 @@ def _bias_per_site(plist: list[NoiseParams], cfa: Any, batch: int, device: torch
         cfa_t = cfa_t.unsqueeze(0).expand(batch, -1, -1)
     if cfa_t.ndim != 3 or cfa_t.shape[0] != batch or cfa_t.shape[1] != cfa_t.shape[2] or cfa_t.shape[1] not in (2, 6):
         raise InputError(f"cfa must be (P,P) or (B,P,P) with B={batch} and P 2 (Bayer) or 6 (X-Trans), got {tuple(cfa_t.shape)}")
-    if bool(((cfa_t < 0) | (cfa_t > 2)).any()):
+    if not checked and bool(((cfa_t < 0) | (cfa_t > 2)).any()):
         raise InputError("cfa entries must be colour indices 0=R, 1=G, 2=B")
     table = torch.tensor([p.color_bias for p in plist], device=device, dtype=dtype)  # (B, 4): R, G, B, G2
     red, green, blue, green2 = (table[:, i].reshape(batch, 1, 1) for i in range(4))
@@ -416,11 +430,12 @@ def _site_map(value: Any, name: str, batch: int, height: int, width: int, device
     raise InputError(f"{name} must be a number, (B,), (P,P) or (B,P,P) with B={batch}, got shape {tuple(tensor.shape)}")
 
 
-def _ratio_tensor(ratio: float | torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _ratio_tensor(ratio: float | torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
+                  checked: bool = False) -> torch.Tensor:
     tensor = torch.as_tensor(ratio, device=device, dtype=dtype).reshape(-1)
     if tensor.shape[0] not in (1, batch):
         raise InputError(f"ratio must be a number or a (B,) tensor with B={batch}, got shape {tuple(tensor.shape)}")
-    if not bool(((tensor > 0) & torch.isfinite(tensor)).all()):
+    if not checked and not bool(((tensor > 0) & torch.isfinite(tensor)).all()):
         raise InputError("exposure ratio must be positive and finite; compute it with exposure_ratio()")
     return tensor.reshape(-1, 1, 1, 1)
 

@@ -26,29 +26,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the Trainer, resume if asked, train; 0 also when stopped by SIGTERM/SIGINT after checkpointing."""
+    """Build the Trainer, resume if asked, train; 0 also when stopped by SIGTERM/SIGINT (after checkpointing).
+
+    The signal handlers go in first, so a SIGTERM while the data and model are still being built
+    is answered with one line; the run-folder lock is taken before anything is written there.
+    """
     from rawrestore.train import distributed
     from rawrestore.train.checkpoint import LAST, checkpoint_dir
+    from rawrestore.train.signals import StopRequest
     from rawrestore.train.trainer import Trainer, TrainingError
 
     cfg = load_config(args.config, args.overrides)
     if args.stop_at is not None and args.stop_at < 1:
         raise TrainingError(f"--stop-at must be >= 1, got {args.stop_at}")
-    info = distributed.init_distributed(cfg.device)
-    trainer = None
-    try:
-        trainer = Trainer(cfg, info, progress=not args.no_progress)
-        if args.resume is None and (checkpoint_dir(cfg.output_dir) / LAST).is_file():
-            raise TrainingError(
-                f"{cfg.output_dir} already holds a run ({checkpoint_dir(cfg.output_dir) / LAST}); pass --resume auto "
-                f"to continue it, or set output_dir=... (or delete the folder) to start over"
-            )
-        trainer.resume(args.resume)
-        trainer.fit(stop_at=args.stop_at)
-        distributed.barrier()  # leave together: rank 0 may still be writing loss curves
-    finally:
-        if trainer is not None:
-            trainer.release_process_group()
-        del trainer
-        distributed.shutdown()
+    stop = StopRequest()
+    with stop.installed():
+        info = distributed.init_distributed(cfg.device)
+        trainer = None
+        try:
+            trainer = Trainer(cfg, info, progress=not args.no_progress, stop=stop)
+            trainer.acquire_lock()
+            if args.resume is None and (checkpoint_dir(cfg.output_dir) / LAST).is_file():
+                raise TrainingError(
+                    f"{cfg.output_dir} already holds a run ({checkpoint_dir(cfg.output_dir) / LAST}); pass --resume auto "
+                    f"to continue it, or set output_dir=... (or delete the folder) to start over"
+                )
+            trainer.resume(args.resume)
+            trainer.fit(stop_at=args.stop_at)
+            distributed.barrier()  # leave together: rank 0 may still be writing loss curves
+        finally:
+            if trainer is not None:
+                trainer.release_lock()
+                trainer.release_process_group()
+            del trainer
+            distributed.shutdown()
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from rawrestore.errors import ConfigError
 
 __all__ = [
     "DistInfo", "init_distributed", "shutdown", "is_distributed", "barrier", "any_flag", "all_gather_objects",
-    "broadcast_object", "average_gradients",
+    "broadcast_object", "average_gradients", "max_tensor", "mean_tensor", "weights_digest",
 ]
 
 
@@ -150,3 +151,30 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
             parameter.grad = torch.zeros_like(parameter)
         dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
         parameter.grad.div_(world)
+
+
+def max_tensor(value: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over ranks, on the device (no host read; `value` itself in a single process)."""
+    if not is_distributed():
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def mean_tensor(value: torch.Tensor) -> torch.Tensor:
+    """Elementwise mean over ranks, on the device (`value` itself in a single process)."""
+    if not is_distributed():
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / dist.get_world_size()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over a model's state_dict tensors (names and bytes), to compare ranks."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
