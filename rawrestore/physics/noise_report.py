@@ -54,10 +54,19 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _ptc_figure(c: IsoCalibration):
+def _axes(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = (5, 3.6)):
+    """A new figure with one labelled axis. -> (figure, axis)."""
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5, 3.6))
+    figure, axis = plt.subplots(figsize=size)
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    return figure, axis
+
+
+def _ptc_figure(c: IsoCalibration):
+    figure, axis = _axes(f"photon transfer, ISO {c.iso:g}", "mean above black (DN)", "variance (DN$^2$)")
     flats = c.flats
     top = 0.0
     for slot, name in enumerate(COLOUR_SLOTS):
@@ -68,33 +77,24 @@ def _ptc_figure(c: IsoCalibration):
         axis.plot(means, variances, "o", color=_SLOT_COLOURS[slot], label=f"{name}: K {c.K_per_colour[slot]:.4g}")
     line = np.linspace(0.0, top * 1.05, 50)
     axis.plot(line, c.K * line + c.photon_transfer_intercept, "k-", lw=1, label=f"fit: K {c.K:.4g} DN/e-")
-    axis.set_xlabel("mean above black (DN)")
-    axis.set_ylabel("variance (DN$^2$)")
-    axis.set_title(f"photon transfer, ISO {c.iso:g}")
     axis.legend(fontsize=7)
     return figure
 
 
 def _ppcc_figure(c: IsoCalibration):
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.6))
+    figure, axis = _axes(f"read-noise shape, ISO {c.iso:g}", "Tukey lambda", "probability-plot correlation")
     lams, ppcc = c.ppcc_curve
     axis.plot(lams, ppcc, "-", color="tab:blue")
     axis.axvline(c.tukey_lambda, color="k", lw=1, ls="--", label=f"max at lambda {c.tukey_lambda:+.3f} (r {c.ppcc_max:.5f})")
     axis.axvline(0.14, color="tab:gray", lw=1, ls=":", label="0.14: close to Gaussian")
-    axis.set_xlabel("Tukey lambda")
-    axis.set_ylabel("probability-plot correlation")
-    axis.set_title(f"read-noise shape, ISO {c.iso:g}")
     axis.legend(fontsize=7)
     return figure
 
 
 def _residual_figure(c: IsoCalibration):
-    import matplotlib.pyplot as plt
     from scipy import stats
 
-    figure, axis = plt.subplots(figsize=(5, 3.6))
+    figure, axis = _axes(f"read noise, ISO {c.iso:g} (quantisation included)", "read-noise residual (DN)", "density")
     residuals = c.residuals
     spread = float(np.quantile(np.abs(residuals), 0.9995)) if residuals.size else 1.0
     edges = np.linspace(-spread, spread, 121)
@@ -108,9 +108,6 @@ def _residual_figure(c: IsoCalibration):
     axis.plot(grid, stats.norm.pdf(grid, scale=math.sqrt(c.gauss_sigma ** 2 + quant)), "--", color="tab:orange", lw=1,
               label=f"Gaussian sigma {c.gauss_sigma:.3f}")
     axis.set_yscale("log")
-    axis.set_xlabel("read-noise residual (DN)")
-    axis.set_ylabel("density")
-    axis.set_title(f"read noise, ISO {c.iso:g} (quantisation included)")
     axis.legend(fontsize=7)
     return figure
 
@@ -122,9 +119,7 @@ def _unit_variance(lam: float) -> float:
 
 
 def _lines_figure(calibration: Calibration):
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 4))
+    figure, axis = _axes("fits across ISOs (ELD layout)", "log K (DN per electron)", "log scale (DN)", (5.5, 4))
     gains = np.array([c.K for c in calibration.per_iso])
     lines = calibration.lines()
     grid = np.linspace(np.log(gains.min()) - 0.2, np.log(gains.max()) + 0.2, 20)
@@ -135,9 +130,6 @@ def _lines_figure(calibration: Calibration):
         axis.plot(np.log(gains), np.log(values), "o", color=colour)
         axis.plot(grid, fit["slope"] * grid + fit["bias"], "-", color=colour,
                   label=f"{key} ({attr}): slope {fit['slope']:.3f}, sigma {fit['sigma']:.3f}")
-    axis.set_xlabel("log K (DN per electron)")
-    axis.set_ylabel("log scale (DN)")
-    axis.set_title("fits across ISOs (ELD layout)")
     axis.legend(fontsize=7)
     return figure
 
