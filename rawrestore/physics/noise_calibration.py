@@ -53,7 +53,7 @@ from rawrestore.errors import DataError, InputError
 
 __all__ = [
     "COLOUR_SLOTS", "colour_slots", "DarkAccumulator", "FlatAccumulator", "IsoCalibration", "Calibration",
-    "calibrate_frames", "calibrate_folders", "fit_log_line", "raw_files", "iso_of", "configure", "run",
+    "calibrate_frames", "calibrate_folders", "fit_log_line", "find_raw_files", "raw_files", "iso_of", "configure", "run",
 ]
 
 COLOUR_SLOTS: tuple[str, ...] = ("R", "G", "B", "G2")  # ELD's colour order of color_bias
@@ -374,13 +374,18 @@ class Calibration:
 # ------------------------------------------------------------------------------ files
 
 
+def find_raw_files(root: Path) -> list[Path]:
+    """RAW files under the folder `root`, recursively by file suffix, hidden files and folders left out; sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in RAW_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def raw_files(folder: str | os.PathLike, what: str) -> list[Path]:
-    """RAW files under `folder` (recursively, by file suffix), sorted; InputError when there are none."""
+    """RAW files under `folder` (see find_raw_files); InputError when the folder is missing or holds none."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise InputError(f"{what} folder {folder} does not exist or is not a folder; check the path")
-    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in RAW_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    found = find_raw_files(root)
     if not found:
         raise InputError(f"{what} folder {folder} holds no RAW files (looked for {', '.join(sorted(RAW_SUFFIXES)[:6])}, ...)")
     return found
