@@ -32,7 +32,8 @@ from torch.utils.data import Dataset
 
 from rawrestore.data.dataset import SIDPairDataset, synthesize_input
 from rawrestore.data.manifest import PairRecord
-from rawrestore.errors import ConfigError, DataError
+from rawrestore.errors import ConfigError, DataError, InputError
+from rawrestore.physics.noise import load_noise_fit
 from rawrestore.physics.noise_calibration import find_raw_files
 
 __all__ = ["KIND", "clean_files", "split_files", "validation_ratios", "HeldOutDark", "build_clean_folder"]
@@ -116,6 +117,10 @@ def build_clean_folder(cfg_data: Any, split: str, seed: int = 0, prepare: bool =
     if not cfg_data.synthetic_noise or cfg_data.synthetic_ratio is None:
         raise ConfigError("data.kind clean_folder needs data.synthetic_noise: true and data.synthetic_ratio: [lo, hi] "
                           "(the clean files are the targets; the dark inputs are synthesised)")
+    try:
+        load_noise_fit(cfg_data.noise_camera)  # a missing or malformed calibration fails here, not at the first step
+    except InputError as error:
+        raise ConfigError(f"config key 'data.noise_camera': {error}") from None
     files = split_files(clean_files(cfg_data.root), cfg_data.val_share)[split]
     if not files:
         raise DataError(f"data.root {cfg_data.root} leaves no {split} files (data.val_share {cfg_data.val_share}); "
