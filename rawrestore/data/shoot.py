@@ -42,9 +42,9 @@ import torch
 import isp
 from isp.safeio import write_bytes
 from rawrestore.errors import InputError
-from rawrestore.physics.noise import DEFAULT_PROFILE, NoiseParams, load_noise_fit
+from rawrestore.physics.noise import DEFAULT_PROFILE, NoiseParams, load_noise_fit, tukey_lambda_variance
 
-__all__ = ["DARK_FRAMES", "FLAT_LEVELS", "DEFAULT_ISOS", "shoot_params", "true_camera", "write_calibration_shoot",
+__all__ = ["DARK_FRAMES", "FLAT_LEVELS", "DEFAULT_ISOS", "GAUSSIAN_LAMBDA", "shoot_params", "true_camera", "write_calibration_shoot",
            "parse_isos", "run_shoot"]
 
 DEFAULT_ISOS: tuple[float, ...] = (800.0, 1600.0, 3200.0, 6400.0)
@@ -53,6 +53,7 @@ FLAT_LEVELS: tuple[float, ...] = (0.03, 0.12, 0.4)  # of the range (white - blac
 FLAT_COLOUR = (0.55, 1.0, 0.75)  # R, G, B response to the flat light, relative to green
 FLAT_VIGNETTE = 0.85  # relative illumination at the corners
 FLAT_EXPOSURE_S = 0.01  # exposure of the lowest flat level; the others scale with the level
+GAUSSIAN_LAMBDA = 0.1349  # the Tukey-lambda shape closest to the normal distribution (Joiner & Rosenblatt 1971)
 SHOOT_TRUTH = "shoot_truth.json"
 TRUE_CAMERA = "true_camera.json"
 
@@ -81,19 +82,27 @@ def shoot_params(camera: str, isos: Sequence[float], read_noise: str = "tukey") 
     return params
 
 
-def true_camera(camera: str, isos: Sequence[float]) -> dict[str, Any]:
-    """The simulated camera in ELD's layout: the source profile's lines with sigma 0 over the shoot's gain range."""
+def true_camera(camera: str, isos: Sequence[float], read_noise: str = "tukey") -> dict[str, Any]:
+    """The simulated camera in ELD's layout: the source profile's lines with sigma 0 over the shoot's gain range.
+
+    With Gaussian read noise, G_shape is GAUSSIAN_LAMBDA and G_scale the Gaussian line shifted so
+    the Tukey variance equals the Gaussian one: training draws Tukey read noise, and this is the
+    Tukey-lambda distribution closest to the normal.
+    """
     fit = load_noise_fit(camera)
     profile = fit.profiles[DEFAULT_PROFILE]
     gains = _gains(camera, isos)
 
-    def line(value: Any) -> dict[str, float]:
-        return {"slope": value.slope, "bias": value.bias, "sigma": 0.0}
+    def line(value: Any, shift: float = 0.0) -> dict[str, float]:
+        return {"slope": value.slope, "bias": value.bias + shift, "sigma": 0.0}
 
+    lam, tukey = float(np.median(fit.tukey_lambdas)), line(profile.tukey_scale)
+    if read_noise == "gaussian":
+        lam = GAUSSIAN_LAMBDA
+        tukey = line(profile.gaussian_scale, -0.5 * math.log(tukey_lambda_variance(GAUSSIAN_LAMBDA)))
     return {
-        "Kmin": min(gains), "Kmax": max(gains), "G_shape": [float(np.median(fit.tukey_lambdas))],
-        "Profile-1": {"G_scale": line(profile.tukey_scale), "g_scale": line(profile.gaussian_scale),
-                      "R_scale": line(profile.row_scale)},
+        "Kmin": min(gains), "Kmax": max(gains), "G_shape": [lam],
+        "Profile-1": {"G_scale": tukey, "g_scale": line(profile.gaussian_scale), "R_scale": line(profile.row_scale)},
         "color_bias": [list(fit.color_biases[0])],
         "source": f"rawrestore synth --calibration-shoot from {camera}",
     }
@@ -179,7 +188,7 @@ def write_calibration_shoot(
              "black_level": spec.black_level, "white_level": spec.white_level, "flat_levels": list(flat_levels),
              "per_iso": [{"iso": iso, **p.to_dict()} for iso, p in params.items()]}
     write_bytes(out / SHOOT_TRUTH, json.dumps(truth, indent=1).encode("utf-8"))
-    write_bytes(out / TRUE_CAMERA, json.dumps(true_camera(noise_camera, isos), indent=1).encode("utf-8"))
+    write_bytes(out / TRUE_CAMERA, json.dumps(true_camera(noise_camera, isos, read_noise), indent=1).encode("utf-8"))
     return out
 
 
