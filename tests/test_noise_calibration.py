@@ -47,14 +47,16 @@ def _truth(iso: int) -> dict[str, float]:
             "row": math.exp(ROW_LINE[0] * log_k + ROW_LINE[1])}
 
 
-def independent_frame(rng: np.random.Generator, iso: int, size: int, signal: float | np.ndarray = 0.0) -> np.ndarray:
+def independent_frame(rng: np.random.Generator, iso: int, size: int, signal: float | np.ndarray = 0.0,
+                      site_bias: np.ndarray = SITE_BIAS) -> np.ndarray:
     """One 14-bit frame: Poisson(signal / K) K + Tukey-lambda read + Gaussian row + colour offset + black, rounded."""
     truth = _truth(iso)
     signal = np.broadcast_to(np.asarray(signal, dtype=np.float64), (size, size))
     shot = rng.poisson(signal / truth["K"]) * truth["K"]
     read = stats.tukeylambda.rvs(truth["lam"], size=(size, size), random_state=rng) * truth["scale"]
     row = rng.normal(0.0, truth["row"], (size, 1))
-    value = BLACK + np.tile(SITE_BIAS, (size // 2, size // 2)) + shot + read + row
+    period = site_bias.shape[0]
+    value = BLACK + np.tile(site_bias, (size // period, size // period)) + shot + read + row
     return np.clip(np.round(value), 0, WHITE).astype(np.uint16)
 
 
@@ -124,6 +126,34 @@ def test_colour_slots_bayer_phases_and_xtrans():
     from rawrestore.data.synth import XTRANS_XT2
 
     assert sorted(set(colour_slots(XTRANS_XT2).ravel().tolist())) == [0, 1, 2]
+
+
+def test_independent_generator_xtrans():
+    """X-Trans: black per colour (G2 repeats G), K from all 36 sites, the read noise."""
+    from rawrestore.data.synth import XTRANS_XT2
+
+    cfa = np.asarray(XTRANS_XT2)
+    colour_bias = np.array([1.5, -0.5, 0.8])  # R, G, B
+    site_bias = colour_bias[cfa]
+    size, isos = 192, (1600, 6400)
+    rng = np.random.default_rng(5)
+    meta = _meta(size, cfa=cfa.tolist())
+
+    def frames(kind):
+        for iso in isos:
+            levels = [None] * 6 if kind == "dark" else [level for level in (500.0, 4000.0) for _ in "ab"]
+            for k, level in enumerate(levels):
+                yield Frame(Path(f"{kind}/iso{iso}/{k}"), independent_frame(rng, iso, size, level or 0.0, site_bias),
+                            meta, float(iso))
+
+    result = calibrate_frames(frames("dark"), frames("flat"))
+    for c in result.per_iso:
+        truth = _truth(int(c.iso))
+        assert c.K == pytest.approx(truth["K"], rel=0.03)
+        np.testing.assert_allclose(c.color_bias, [1.5, -0.5, 0.8, -0.5], atol=0.5)
+        assert c.tukey_lambda == pytest.approx(truth["lam"], abs=0.05)
+        assert c.tukey_scale == pytest.approx(truth["scale"], rel=0.05)
+        assert c.row_scale == pytest.approx(truth["row"], rel=0.10)
 
 
 # --------------------------------------------------------------- project model, files, CLI
