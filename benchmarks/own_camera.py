@@ -2,6 +2,7 @@
 
     python benchmarks/own_camera.py --work /tmp/own_camera [--camera benchmarks/cameras/poisson_gaussian.json]
                                     [--read-noise gaussian] [--steps 2200] [--scenes 24] [--size 512]
+                                    [--crop 256] [--width 24] [--threads N]
 
 1. `synth --calibration-shoot` of the camera (4 ISOs, 8 darks + 3 flat pairs each), then
    `calibrate-noise` -> camera.json; the recovered K / scales are printed against the truth.
@@ -32,8 +33,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
+THREADS: dict[str, str] = {}
+
+
 def rawrestore(*args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **THREADS)
     command = [sys.executable, "-m", "rawrestore", *args]
     print("$ rawrestore " + " ".join(args), flush=True)
     subprocess.run(command, check=True, env=env, cwd=ROOT)
@@ -50,7 +54,11 @@ def main() -> int:
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--width", type=int, default=24, help="U-Net width (the demo's 24)")
     parser.add_argument("--classical", default="bm3d", choices=("bm3d", "wavelet"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP/MKL threads of each command (1 on a busy shared machine: oversubscribed OpenMP is ~50x slower)")
     args = parser.parse_args()
+    if args.threads is not None:
+        THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     work = Path(args.work).resolve()
     if work.exists() and any(work.iterdir()):
         parser.error(f"--work {work} is not empty; choose a new folder")
