@@ -310,3 +310,24 @@ def test_cli_refuses_bad_paths(tmp_path, capsys):
     (tmp_path / "rep" / "notes.txt").write_text("mine")
     code, err = _calibrate(tmp_path, capsys, "--report", str(tmp_path / "rep"))
     assert code == 2 and "did not write" in err and (tmp_path / "rep" / "notes.txt").read_text() == "mine"
+
+
+def test_calibration_shoot_cli(tmp_path, capsys):
+    out = tmp_path / "shoot"
+    assert cli_main(["synth", "--calibration-shoot", "--out", str(out), "--isos", "800,abc"]) == 2
+    assert "--isos" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["synth", "--calibration-shoot", "--out", str(out), "--isos", "800", "--size", "48"]) == 0
+    darks = sorted((out / "dark" / "iso800").glob("*.dng"))
+    flats = sorted((out / "flat" / "iso800").glob("*.dng"))
+    assert (len(darks), len(flats)) == (8, 6)
+    mosaic, meta = isp.read_raw(flats[-1])
+    truth = json.loads((out / SHOOT_TRUTH).read_text())
+    level = truth["flat_levels"][-1] * (WHITE - BLACK)  # green, before vignetting
+    greens = mosaic[0::2, 1::2].astype(float) - BLACK
+    assert float(np.median(greens)) == pytest.approx(level * 0.95, rel=0.05)  # mean vignette over the frame ~0.95
+    (out / "mine.txt").write_text("keep")
+    capsys.readouterr()
+    assert cli_main(["synth", "--calibration-shoot", "--out", str(out), "--isos", "800", "--size", "48"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli_main(["synth", "--calibration-shoot", "--out", str(out), "--isos", "800", "--size", "48", "--force"]) == 0
+    assert (out / "mine.txt").read_text() == "keep" and len(list((out / "dark" / "iso800").glob("*.dng"))) == 8
