@@ -85,13 +85,18 @@ def colour_slots(cfa: Any) -> np.ndarray:
 
 def _site_sums(values: np.ndarray, period: int) -> np.ndarray:
     """Sum per CFA site. (H,W) with H, W multiples of P -> (P,P) float64."""
+    return _by_site(values, period).sum(axis=(0, 2), dtype=np.float64)
+
+
+def _by_site(values: np.ndarray, period: int) -> np.ndarray:
+    """(H,W) -> the same memory as (H/P, P, W/P, P), so a (P,P) per-site array broadcasts as [None, :, None, :]."""
     height, width = values.shape
-    return values.reshape(height // period, period, width // period, period).sum(axis=(0, 2), dtype=np.float64)
+    return values.reshape(height // period, period, width // period, period)
 
 
-def _tile(per_site: np.ndarray, height: int, width: int) -> np.ndarray:
-    period = per_site.shape[0]
-    return np.tile(per_site, (height // period, width // period))
+def _sample_indices(rng: np.random.Generator, size: int, take: int) -> np.ndarray:
+    """`take` random flat indices into `size` pixels (with replacement: the same pixel twice is rare and harmless)."""
+    return rng.integers(0, size, min(size, take))
 
 
 def _per_slot(per_site: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -134,7 +139,7 @@ class DarkAccumulator:
         raw = np.asarray(mosaic)[:height, :width]
         frame = raw.astype(np.float64)
         site_mean = _site_sums(frame, period) / (height * width / period ** 2)
-        frame -= _tile(site_mean, height, width)
+        _by_site(frame, period)[...] -= site_mean[None, :, None, :]
         rows = frame.mean(axis=1)
         frame -= rows[:, None]
         self.frames += 1
@@ -144,8 +149,7 @@ class DarkAccumulator:
         self.row_dof += height - 1
         self.residual_sq_sum += float(np.einsum("ij,ij->", frame, frame))
         self.residual_dof += height * width - period * period - height
-        take = min(frame.size, self.sample_size)
-        picks = self.rng.choice(frame.size, size=take, replace=False)
+        picks = _sample_indices(self.rng, frame.size, self.sample_size)
         self._keep(frame.ravel()[picks])
         levels = np.unique(raw.ravel()[picks])
         if levels.size > 1:
@@ -224,11 +228,13 @@ class FlatAccumulator:
         if clipped > MAX_CLIPPED:
             raise DataError(f"flat pair {names[0]} / {names[1]} is saturated ({100 * clipped:.0f}% of pixels at the white "
                             f"level {self.white:g}); shoot the flats darker, below about 3/4 of the range")
-        black = _tile(self.black, height, width)
-        weight = valid.astype(np.float64)
-        count = _per_slot(_site_sums(weight, period), self.slots)
-        mean_a = _per_slot(_site_sums((a - black) * weight, period), self.slots) / np.maximum(count, 1)
-        mean_b = _per_slot(_site_sums((b - black) * weight, period), self.slots) / np.maximum(count, 1)
+        count = _per_slot(_site_sums(valid, period), self.slots)
+        above_a, above_b = a.astype(np.float64), b.astype(np.float64)
+        for above in (above_a, above_b):  # black subtracted, clipped pixels set to 0 so plain sums are masked sums
+            _by_site(above, period)[...] -= self.black[None, :, None, :]
+            above[~valid] = 0.0
+        mean_a = _per_slot(_site_sums(above_a, period), self.slots) / np.maximum(count, 1)
+        mean_b = _per_slot(_site_sums(above_b, period), self.slots) / np.maximum(count, 1)
         used = count > 0
         level_a, level_b = float(mean_a[used].mean()), float(mean_b[used].mean())
         level = 0.5 * (level_a + level_b)
@@ -240,10 +246,11 @@ class FlatAccumulator:
                             "and are not a pair; give each pair the same exposure time, or name the two frames so they "
                             "sort next to each other")
         gain = np.divide(mean_a, mean_b, out=np.ones(4), where=mean_b > 0)
-        slot_map = _tile(self.slots, height, width)
-        diff = (a - black) - (b - black) * gain[slot_map]
-        diff_sum = _per_slot(_site_sums(diff * weight, period), self.slots)
-        diff_sq = _per_slot(_site_sums(diff * diff * weight, period), self.slots)
+        _by_site(above_b, period)[...] *= gain[self.slots][None, :, None, :]
+        diff = np.subtract(above_a, above_b, out=above_a)  # the first frame minus the second scaled to its level
+        del above_b
+        diff_sum = _per_slot(_site_sums(diff, period), self.slots)
+        diff_sq = _per_slot(np.einsum("iajb,iajb->ab", _by_site(diff, period), _by_site(diff, period)), self.slots)
         diff_mean = diff_sum / np.maximum(count, 1)
         variance = (diff_sq - count * diff_mean ** 2) / np.maximum(count - 1, 1) / (1.0 + gain ** 2)
         pair = FlatPair(names, _fill_g2(0.5 * (mean_a + mean_b), self.slots), _fill_g2(variance, self.slots),
