@@ -10,7 +10,7 @@ still reads, decodes and measures 120 files (160 frames' worth of work is not sa
    wall seconds. Reference: the same process decoding the 120 files with `isp.read_raw` and
    nothing else, so ratio = calibration / decoding alone (the cost of the measurements on top of
    reading the files).
-2. Peak memory: VmHWM of that calibration process, GiB. Reference: the 120 frames held at once
+2. Peak memory: VmHWM of that calibration process (polled from /proc), GiB. Reference: the 120 frames held at once
    as uint16 (what not streaming would take at the least); ratio < 1 means streamed.
 """
 from __future__ import annotations
@@ -74,26 +74,45 @@ for folder in sys.argv[1:]:
 """
 
 
+def _peak_rss_gib(pid: int) -> float | None:
+    """VmHWM of a running process (its own address space's high-water mark, reset by exec), GiB; None once gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        return None
+    return None
+
+
 def _run(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB, this child's own VmHWM via wait4) of a child process."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    """Wall seconds and peak RSS (GiB, polled from /proc every 20 ms) of a child process with one OpenMP thread."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    peak = 0.0
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
+        while child.poll() is None:
+            peak = max(peak, _peak_rss_gib(child.pid) or 0.0)
+            time.sleep(0.02)
         seconds = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode != 0:
             err.seek(0)
             raise RuntimeError(err.read().decode()[-2000:])
-    return seconds, usage.ru_maxrss / 2 ** 20
+    return seconds, peak
 
 
 def run() -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-calibration-") as scratch:
         root = Path(scratch)
         start = time.perf_counter()
-        files = _write_shoot(root)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the noise of 120 12 MP frames: oversubscribed OpenMP on a busy box is far slower
+        try:
+            files = _write_shoot(root)
+        finally:
+            torch.set_num_threads(threads)
         print(f"[bench_calibration: wrote {files} files of {WIDTH}x{HEIGHT} in {time.perf_counter() - start:.0f} s]",
               file=sys.stderr)
         decode_s, decode_gib = _run([sys.executable, "-c", _DECODE_ONLY, str(root / "dark"), str(root / "flat")])
