@@ -57,6 +57,7 @@ def _validate_children(config: object, key: str) -> None:
 class DataConfig:
     """Dataset, cropping and on-the-fly synthesis. Sizes are in RAW (mosaic) pixels, before packing."""
 
+    kind: Literal["sid", "clean_folder"] = "sid"  # clean_folder: root holds clean RAW files only (rawrestore.data.clean_folder)
     root: str = "data/synthetic"
     camera: Literal["sony", "fuji"] = "sony"
     manifest: str = "auto"  # "auto": built/found under root; otherwise a manifest file path
@@ -73,6 +74,7 @@ class DataConfig:
     synthetic_ratio: list[float] | None = None  # with synthetic_noise: [lo, hi], ratio log-uniform per sample (None: the pair's)
     val_crop: int | None = None  # None: validate on whole images
     ratio_cap: float = SID_RATIO_CAP  # exposure ratios above this are clamped
+    val_share: float = 0.1  # kind clean_folder: fraction of the files held out for val/test
 
     @property
     def cfa_period(self) -> int:
@@ -109,6 +111,13 @@ class DataConfig:
         _require(self.noise_camera != "", f"{key}.noise_camera", "must name a noise profile", self.noise_camera)
         _require(self.ratio_cap >= 1.0, f"{key}.ratio_cap", "must be >= 1", self.ratio_cap)
         _require(0.0 <= self.gain_jitter <= 3.0, f"{key}.gain_jitter", "must be in [0, 3]", self.gain_jitter)
+        _require(0.0 <= self.val_share < 1.0, f"{key}.val_share", "must be in [0, 1)", self.val_share)
+        if self.kind == "clean_folder":
+            _require(self.synthetic_noise, f"{key}.synthetic_noise",
+                     "must be true with data.kind clean_folder (the dark inputs are synthesised from the clean files)",
+                     self.synthetic_noise)
+            _require(self.synthetic_ratio is not None, f"{key}.synthetic_ratio",
+                     "must be [lo, hi] with data.kind clean_folder (the exposure ratios to synthesise)", self.synthetic_ratio)
         if self.synthetic_ratio is not None:
             _require(len(self.synthetic_ratio) == 2 and 1.0 <= self.synthetic_ratio[0] <= self.synthetic_ratio[1],
                      f"{key}.synthetic_ratio", "must be [lo, hi] with 1 <= lo <= hi, or null", self.synthetic_ratio)

@@ -625,10 +625,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-camera", default=DEFAULT_CAMERA, help="ELD noise calibration to sample from (default SonyA7S2)")
     parser.add_argument("--read-noise", choices=READ_NOISE_KINDS, default="tukey", help="read-noise distribution")
     parser.add_argument("--force", action="store_true", help="replace a previous synthetic dataset in --out")
+    parser.add_argument("--calibration-shoot", action="store_true",
+                        help="write dark and flat frames of a simulated camera for calibrate-noise instead (rawrestore.data.shoot)")
+    parser.add_argument("--isos", default="800,1600,3200,6400", help="with --calibration-shoot: the ISOs to shoot")
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset; prints where it went and the pair counts."""
+    if args.calibration_shoot:
+        from rawrestore.data.shoot import run_shoot
+
+        return run_shoot(args)
     out = generate(args.out, args.camera, args.scenes, args.seed, args.size, force=args.force,
                    crosstalk=args.crosstalk, noise_camera=args.noise_camera, read_noise=args.read_noise)
     spec = CAMERA_SPECS[args.camera]

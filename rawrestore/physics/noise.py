@@ -42,6 +42,7 @@ import functools
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, Sequence
@@ -173,19 +174,49 @@ def available_cameras() -> list[str]:
     return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
 
 
-@functools.lru_cache(maxsize=None)
 def load_noise_fit(camera: str = DEFAULT_CAMERA) -> CameraNoiseFit:
-    """Shipped ELD calibration of `camera` as a typed record; ConfigError for an unknown camera."""
+    """ELD calibration of `camera` as a typed record: a shipped name, or a path to a `.json` in the same layout.
+
+    A path is what `rawrestore calibrate-noise --out CAMERA.json` writes. ConfigError for an
+    unknown name or a missing file; DataError for a malformed one.
+    """
+    if camera.endswith(".json") or os.sep in camera or "/" in camera:
+        path = os.path.abspath(os.path.expanduser(camera))
+        try:
+            stamp = os.stat(path).st_mtime_ns
+        except OSError:
+            raise ConfigError(f"noise calibration file {camera} not found; write one with `rawrestore calibrate-noise "
+                              f"--out {camera}` or name a shipped camera {available_cameras()}") from None
+        return _load_fit_file(path, stamp)
+    return _load_shipped_fit(camera)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_shipped_fit(camera: str) -> CameraNoiseFit:
     cameras = available_cameras()
     if camera not in cameras:
-        raise ConfigError(f"no ELD noise calibration for camera {camera!r}; choose one of {cameras}")
+        raise ConfigError(f"no ELD noise calibration for camera {camera!r}; choose one of {cameras} or give a path to a .json")
     resource = resources.files(_PARAMS_PACKAGE) / _PARAMS_DIR / f"{camera}.json"
     raw = json.loads(resource.read_text(encoding="utf-8"))
     return _parse_fit(camera, raw)
 
 
+@functools.lru_cache(maxsize=16)
+def _load_fit_file(path: str, stamp: int) -> CameraNoiseFit:
+    """A calibration file; `stamp` (its mtime) keys the cache, so a rewritten file is read again."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"noise calibration {path} cannot be read as JSON ({type(exc).__name__}); "
+                        "write it again with `rawrestore calibrate-noise`") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"noise calibration {path} must be a JSON object in the layout of rawrestore/physics/eld_params")
+    return _parse_fit(os.path.basename(path), raw)
+
+
 def _parse_fit(camera: str, raw: dict[str, Any]) -> CameraNoiseFit:
-    where = f"ELD noise calibration {camera}.json"
+    where = f"ELD noise calibration {camera if camera.endswith('.json') else camera + '.json'}"
     try:
         profiles = {
             name: NoiseProfile(
