@@ -40,7 +40,9 @@ from rawrestore.data.manifest import SUBSETS, select_subset
 from rawrestore.errors import ConfigError
 from rawrestore.metrics import Evaluator, quantize_8bit
 from rawrestore.models import build_model_from_config
-from rawrestore.protocols import SidRenderer, parse_protocols, eval_renderer, predict, render_internal, score_internal, score_raw
+from rawrestore.protocols import (
+    SidRenderer, eval_renderer, lpips_or_none, parse_protocols, predict, render_internal, score_internal, score_raw,
+)
 from rawrestore.results import (
     check_out_folder, format_protocol_table, protocol_summaries, remove_empty, write_per_image_csv, write_report,
     write_summary,
@@ -196,7 +198,6 @@ def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, s
     from tqdm import tqdm
 
     from rawrestore.data.dataset import build_datasets
-    from rawrestore.train.trainer import build_lpips_or_none
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     split = split or cfg.eval.split
@@ -213,7 +214,7 @@ def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, s
         raise ConfigError(f"eval.subset {cfg.eval.subset} leaves none of the {listed} {split} pairs; use eval.subset=all")
     dataset.prepare()
     count = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
-    lpips_net, lpips_note = build_lpips_or_none(cfg, device)
+    lpips_net, lpips_note = lpips_or_none(cfg.loss.lpips.net, cfg.loss.lpips.weights, device)
     renderer = eval_renderer()
     sid = SidRenderer()
     quantize = cfg.eval.quantize_8bit
