@@ -146,6 +146,8 @@ def libraw_render(path: str | os.PathLike, mosaic_dn: np.ndarray | None = None,
         if top < 0 or left < 0 or top + height > sizes.height or left + width > sizes.width:
             raise InputError(f"{path}: box {box} is outside the {sizes.width}x{sizes.height} frame")
         if mosaic_dn is not None:
+            if raw.raw_image is None or np.ndim(raw.raw_image) != 2:
+                raise InputError(f"{path}: not a colour-filter-array RAW (no mosaic to put a prediction into)")
             if mosaic_dn.shape != (height, width):
                 raise InputError(f"{path}: prediction {mosaic_dn.shape} does not fill the box {height}x{width}")
             limit = float(raw.white_level)
