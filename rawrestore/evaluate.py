@@ -1,7 +1,8 @@
 """`rawrestore eval`: score a checkpoint per image and per exposure ratio, under one or several protocols.
 
     rawrestore eval -c CFG --checkpoint CKPT [--split test] --out DIR [--classical wavelet|bm3d|none]
-                    [--protocol internal,sid,raw] [--subset all|aligned|burst00|burst00_aligned] [key=value ...]
+                    [--protocol internal,sid,raw] [--subset all|aligned|burst00|burst00_aligned]
+                    [--[no-]quantize-8bit] [key=value ...]
 
 For every pair of the split in eval.subset (whole frames unless data.val_crop is set; tiled per eval.tile):
 
@@ -326,6 +327,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated scoring protocols (default eval.protocol): internal, sid (LibRaw as SID), "
                         "raw (ELD/PMN)")
     parser.add_argument("--subset", choices=SUBSETS, default=None, help="pairs to score (default eval.subset)")
+    parser.add_argument("--quantize-8bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="round both sRGB images to 8 bits before scoring (default eval.quantize_8bit)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.tile=512 device=cpu")
 
 
@@ -336,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"eval.protocol=[{','.join(parse_protocols(args.protocol))}]")
     if args.subset:
         overrides.append(f"eval.subset={args.subset}")
+    if args.quantize_8bit is not None:
+        overrides.append(f"eval.quantize_8bit={'true' if args.quantize_8bit else 'false'}")
     cfg = load_config(args.config, overrides)
     explicit = args.classical is not None or any(o.strip().startswith("eval.classical=") for o in args.overrides)
     evaluate(cfg, args.checkpoint, args.out, split=args.split, classical=args.classical,

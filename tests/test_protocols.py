@@ -239,7 +239,8 @@ def test_score_reproduces_eval_sid_from_infer_pngs(sony, tmp_path):
     config, checkpoint, root = sony
     out = tmp_path / "eval"
     assert main(["eval", "-c", str(config), "--checkpoint", str(checkpoint), "--out", str(out), "--no-images",
-                 "--protocol", "sid"]) == 0
+                 "--protocol", "sid", "eval.quantize_8bit=true", "--no-quantize-8bit"]) == 0
+    assert json.loads((out / "summary.json").read_text())["quantize_8bit"] is False
     preds = tmp_path / "preds"
     preds.mkdir()
     for scene, burst, short_s in SONY_PAIRS:
