@@ -1,7 +1,8 @@
 """`rawrestore eval`: score a checkpoint per image and per exposure ratio, under one or several protocols.
 
     rawrestore eval -c CFG --checkpoint CKPT [--split test] --out DIR [--classical wavelet|bm3d|none]
-                    [--protocol internal,sid,raw] [--subset all|aligned|burst00|burst00_aligned] [key=value ...]
+                    [--protocol internal,sid,raw] [--subset all|aligned|burst00|burst00_aligned]
+                    [--[no-]quantize-8bit] [key=value ...]
 
 For every pair of the split in eval.subset (whole frames unless data.val_crop is set; tiled per eval.tile):
 
@@ -40,7 +41,9 @@ from rawrestore.data.manifest import SUBSETS, select_subset
 from rawrestore.errors import ConfigError
 from rawrestore.metrics import Evaluator, quantize_8bit
 from rawrestore.models import build_model_from_config
-from rawrestore.protocols import SidRenderer, parse_protocols, eval_renderer, predict, render_internal, score_internal, score_raw
+from rawrestore.protocols import (
+    SidRenderer, eval_renderer, lpips_or_none, parse_protocols, predict, render_internal, score_internal, score_raw,
+)
 from rawrestore.results import (
     check_out_folder, format_protocol_table, protocol_summaries, remove_empty, write_per_image_csv, write_report,
     write_summary,
@@ -196,7 +199,6 @@ def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, s
     from tqdm import tqdm
 
     from rawrestore.data.dataset import build_datasets
-    from rawrestore.train.trainer import build_lpips_or_none
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     split = split or cfg.eval.split
@@ -213,7 +215,7 @@ def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, s
         raise ConfigError(f"eval.subset {cfg.eval.subset} leaves none of the {listed} {split} pairs; use eval.subset=all")
     dataset.prepare()
     count = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
-    lpips_net, lpips_note = build_lpips_or_none(cfg, device)
+    lpips_net, lpips_note = lpips_or_none(cfg.loss.lpips.net, cfg.loss.lpips.weights, device)
     renderer = eval_renderer()
     sid = SidRenderer()
     quantize = cfg.eval.quantize_8bit
@@ -325,6 +327,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated scoring protocols (default eval.protocol): internal, sid (LibRaw as SID), "
                         "raw (ELD/PMN)")
     parser.add_argument("--subset", choices=SUBSETS, default=None, help="pairs to score (default eval.subset)")
+    parser.add_argument("--quantize-8bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="round both sRGB images to 8 bits before scoring (default eval.quantize_8bit)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.tile=512 device=cpu")
 
 
@@ -335,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"eval.protocol=[{','.join(parse_protocols(args.protocol))}]")
     if args.subset:
         overrides.append(f"eval.subset={args.subset}")
+    if args.quantize_8bit is not None:
+        overrides.append(f"eval.quantize_8bit={'true' if args.quantize_8bit else 'false'}")
     cfg = load_config(args.config, overrides)
     explicit = args.classical is not None or any(o.strip().startswith("eval.classical=") for o in args.overrides)
     evaluate(cfg, args.checkpoint, args.out, split=args.split, classical=args.classical,

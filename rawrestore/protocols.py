@@ -17,7 +17,6 @@ predict with `predict` and render with `eval_renderer`, so they cannot disagree.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from rawrestore.ensemble import restore
 from rawrestore.metrics import Evaluator, ImageRow, functional
 
 __all__ = [
-    "PROTOCOLS", "SID_POSTPROCESS", "PUBLISHED", "parse_protocols", "eval_renderer", "predict", "render_internal", "score_internal",
+    "PROTOCOLS", "SID_POSTPROCESS", "PUBLISHED", "parse_protocols", "lpips_or_none", "eval_renderer", "predict", "render_internal", "score_internal",
     "libraw_render", "render_picture", "to_tensor", "SidRenderer", "prediction_dn", "score_raw", "raw_row",
 ]
 
@@ -60,6 +59,20 @@ def parse_protocols(text: str) -> list[str]:
     if unknown or not names:
         raise InputError(f"--protocol {text!r}: expected a comma-separated list of {', '.join(PROTOCOLS)}")
     return list(dict.fromkeys(names))
+
+
+def lpips_or_none(net: str = "alex", weights: str | None = None,
+                  device: torch.device | str = "cpu") -> tuple[nn.Module | None, str]:
+    """LPIPS metric network when its backbone weights are on disk. -> (module or None, one-line note)."""
+    from rawrestore.errors import WeightsError
+
+    try:
+        from rawrestore.pretrained import build_lpips
+
+        module = build_lpips(net, weights)
+    except (WeightsError, ImportError) as error:
+        return None, f"LPIPS reported as null: {str(error).splitlines()[0]}"
+    return module.to(device), f"LPIPS ({net}) on"
 
 
 # ---------------------------------------------------------------------------- internal
@@ -133,6 +146,8 @@ def libraw_render(path: str | os.PathLike, mosaic_dn: np.ndarray | None = None,
         if top < 0 or left < 0 or top + height > sizes.height or left + width > sizes.width:
             raise InputError(f"{path}: box {box} is outside the {sizes.width}x{sizes.height} frame")
         if mosaic_dn is not None:
+            if raw.raw_image is None or np.ndim(raw.raw_image) != 2:
+                raise InputError(f"{path}: not a colour-filter-array RAW (no mosaic to put a prediction into)")
             if mosaic_dn.shape != (height, width):
                 raise InputError(f"{path}: prediction {mosaic_dn.shape} does not fill the box {height}x{width}")
             limit = float(raw.white_level)

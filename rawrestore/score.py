@@ -31,7 +31,7 @@ from isp.errors import InputError
 from rawrestore.data.manifest import CAMERAS, SUBSETS, PairRecord, select_subset
 from rawrestore.metrics import Evaluator
 from rawrestore.physics.align import SID_RATIO_CAP
-from rawrestore.protocols import SidRenderer, raw_row, to_tensor
+from rawrestore.protocols import SidRenderer, lpips_or_none, raw_row, to_tensor
 from rawrestore.results import (
     check_out_folder, format_protocol_table, protocol_summaries, remove_empty, write_per_image_csv, write_report,
     write_summary,
@@ -123,17 +123,6 @@ def _raw_target(long_path: str, period: int) -> torch.Tensor:
     return isp.cfa.pack(normal.clamp(0.0, 1.0), torch.as_tensor(meta.cfa_array))
 
 
-def _lpips_or_none() -> tuple[Any, str]:
-    from rawrestore.errors import WeightsError
-
-    try:
-        from rawrestore.pretrained import build_lpips
-
-        return build_lpips("alex"), "LPIPS (alex) on"
-    except (WeightsError, ImportError) as error:
-        return None, f"LPIPS reported as null: {str(error).splitlines()[0]}"
-
-
 def _records(root: str, camera: str, split: str, subset: str) -> tuple[list[PairRecord], int]:
     from rawrestore.data.dataset import resolve_records
 
@@ -172,7 +161,7 @@ def _score(protocol: str, root: str, camera: str, pred_dir: Path, out: Path, spl
         raise InputError(f"--pred {pred_dir} holds none of the {len(records)} predictions (e.g. "
                          f"{Path(records[0].short).stem}{suffixes[0]}); name the folder of files named after the short "
                          "files' stems")
-    lpips_net, lpips_note = _lpips_or_none() if protocol == "sid" else (None, "")
+    lpips_net, lpips_note = lpips_or_none() if protocol == "sid" else (None, "")
     evaluator = Evaluator(lpips_net=lpips_net, quantize=quantize and protocol == "sid")
     sid = SidRenderer()
     problems: list[str] = []

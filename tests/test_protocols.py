@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import rawpy
 import torch
+from skimage.color import deltaE_ciede2000, rgb2lab
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import isp
@@ -166,10 +167,14 @@ def test_eval_sid_and_raw_scores_equal_rawpy_and_skimage(sony, tmp_path):
         target = libraw_reference(long_path)
         for method, pred_mosaic in (("baseline", scaled), ("model", restored_mosaic)):
             dn = np.clip(np.round(pred_mosaic * (white - black) + black), 0, white).astype(np.uint16)
-            psnr, ssim = srgb_scores(target, libraw_reference(long_path, dn))
+            rendered = libraw_reference(long_path, dn)
+            psnr, ssim = srgb_scores(target, rendered)
             row = by_key[("sid", method, name)]
             assert float(row["psnr"]) == pytest.approx(psnr, abs=1e-6)
             assert float(row["ssim"]) == pytest.approx(ssim, abs=1e-6)
+            # isp.color's sRGB -> Lab constants differ slightly from scikit-image's (1e-4 relative here)
+            delta_e = deltaE_ciede2000(rgb2lab(target), rgb2lab(rendered)).mean()
+            assert float(row["delta_e00"]) == pytest.approx(delta_e, rel=1e-4)
             assert float(row["ratio"]) == ratio
             raw_row = by_key[("raw", method, name)]
             expected_raw_psnr = peak_signal_noise_ratio(pack_rggb(target_raw), pack_rggb(pred_mosaic), data_range=1.0)
@@ -234,7 +239,8 @@ def test_score_reproduces_eval_sid_from_infer_pngs(sony, tmp_path):
     config, checkpoint, root = sony
     out = tmp_path / "eval"
     assert main(["eval", "-c", str(config), "--checkpoint", str(checkpoint), "--out", str(out), "--no-images",
-                 "--protocol", "sid"]) == 0
+                 "--protocol", "sid", "eval.quantize_8bit=true", "--no-quantize-8bit"]) == 0
+    assert json.loads((out / "summary.json").read_text())["quantize_8bit"] is False
     preds = tmp_path / "preds"
     preds.mkdir()
     for scene, burst, short_s in SONY_PAIRS:
