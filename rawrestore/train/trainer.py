@@ -54,7 +54,7 @@ from rawrestore.train.runlog import (
     write_loss_curves,
 )
 from rawrestore.train.sampling import (
-    SALT_SYNTHETIC, build_loader, mix_seed, worker_death_message,
+    SALT_RESEED, SALT_SYNTHETIC, build_loader, mix_seed, worker_death_message,
 )
 from rawrestore.train.signals import StopRequest
 from rawrestore.train.step import StepOutcome, StepState, run_step, synthesize
@@ -291,9 +291,10 @@ class Trainer:
         else:
             self.info(f"resume: checkpoint has RNG states of {len(rng)} process(es), this run has "
                       f"{self.dist.world_size}; reseeding (the data order still follows the step)")
-            random.seed(mix_seed(self.cfg.seed, self.step, self.dist.rank))
-            np.random.seed(mix_seed(self.cfg.seed, self.step, self.dist.rank) & 0xFFFFFFFF)
-            torch.manual_seed(mix_seed(self.cfg.seed, self.step, self.dist.rank))
+            seed = mix_seed(self.cfg.seed, SALT_RESEED, self.step, self.dist.rank)
+            random.seed(seed)
+            np.random.seed(seed & 0xFFFFFFFF)
+            torch.manual_seed(seed)
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size:
             self.info(f"resume: checkpoint was written by {saved_world} process(es), this run has "
