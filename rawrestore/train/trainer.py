@@ -50,8 +50,8 @@ from rawrestore.train.distributed import DistInfo
 from rawrestore.train.optim import AUTOCAST_DTYPES, ModelEMA, build_optimizer, lr_factor, resolve_amp, set_determinism
 from rawrestore.train.runlock import RunLock
 from rawrestore.train.runlog import (
-    CURVES_NAME, LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, read_log, report_step, truncate_log,
-    write_loss_curves,
+    CURVES_NAME, LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, plot_curves, read_log, report_step,
+    truncate_log, write_loss_curves,
 )
 from rawrestore.train.sampling import (
     SALT_RESEED, SALT_SYNTHETIC, build_loader, mix_seed, worker_death_message,
@@ -430,16 +430,11 @@ class Trainer:
                    "elapsed_s": round(elapsed, 3), "weights_sha256_per_rank": digests})
         log.close()
         if self.is_main:
-            try:
-                curves = write_loss_curves(self.output_dir / LOG_NAME, self.output_dir / CURVES_NAME)
-            except Exception as error:  # plotting must never lose a finished run
-                curves = None
-                self._print(f"train: loss curves not written ({type(error).__name__}: {error})")
+            curves = plot_curves(self.output_dir, self._print)
             rate = (self.step - start_step) / elapsed if elapsed > 0 else float("nan")
             best = f"; best val PSNR {self.best_psnr:.2f} dB at step {self.best_step}" if self.best_psnr is not None else ""
             self._print(f"train: step {self.step}/{train.iterations} in {elapsed:.1f} s ({rate:.2f} it/s), "
-                        f"{self.skipped_steps} skipped; checkpoint {written}{best}"
-                        + (f"; curves {curves}" if curves else ""))
+                        f"{self.skipped_steps} skipped; checkpoint {written}{best}" + (f"; curves {curves}" if curves else ""))
         return FitResult(self.step, reason, written, self.best_psnr, self.skipped_steps)
 
     def _validate_and_log(self, log: JsonlLog, board: Any, bar: Any) -> None:
