@@ -194,7 +194,7 @@ class Trainer:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise TrainingError(f"cannot create output_dir {self.output_dir}: {error.strerror or error}; "
+            raise TrainingError(f"cannot write to output_dir {self.output_dir}: {error.strerror or error}; "
                                 "set output_dir to a folder that can be created and written") from None
         self.lock.acquire()
 
