@@ -335,6 +335,7 @@ class Trainer:
         end = train.iterations if stop_at is None else min(stop_at, train.iterations)
         if not self._prepared:
             self.resume(None)  # a fresh run: take the lock, clear a killed run's leftovers
+        self.acquire_lock()  # again after an earlier fit() of this trainer released it
         try:
             with self.stop.installed():
                 return self._fit(end)
