@@ -10,6 +10,7 @@ Rows:
      reference); the note gives the peak-RSS growth of each (tiling bounds memory).
   3. One training step of configs/demo.yaml (batch 4, 256-pixel crops, full physics-aware
      stack without VGG/LPIPS weights) vs the SID baseline step (RAW-L1 only) on the same data.
+  4. The same step with `train.compile=true` (torch.compile, inductor) vs eager.
 """
 from __future__ import annotations
 
@@ -131,12 +132,44 @@ def _train_row(tmp: Path, steps: int = 8) -> dict:
             "note": f"reference: same step with RAW-L1 only (SID baseline); median of {steps} steps, no VGG/LPIPS weights"}
 
 
+def _compile_row(tmp: Path, steps: int = 6) -> dict:
+    """train.compile=true against eager on the demo step (the first compiled steps, compilation, are not timed)."""
+    from rawrestore.config import load_config
+    from rawrestore.train.trainer import Trainer
+
+    root = tmp / "synthetic"
+
+    def timed(extra: list[str]) -> tuple[float, float]:
+        overrides = [f"data.root={root}", f"output_dir={tmp}/run_compile", "data.num_workers=0", "train.val_every=0",
+                     "train.ckpt_every=0", "device=cpu", *extra]
+        trainer = Trainer(load_config(REPO / "configs/demo.yaml", overrides), log=lambda _: None, progress=False)
+        batches = trainer._loader(0)
+        trainer.model.train()
+        start = time.perf_counter()
+        trainer._train_step(batches)
+        first = time.perf_counter() - start
+        trainer._train_step(batches)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            trainer._train_step(batches)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), first
+
+    compiled, compile_s = timed(["train.compile=true"])
+    eager, _ = timed([])
+    return {"name": "train step demo.yaml, train.compile=true", "ours_s": compiled, "reference_s": eager,
+            "ratio": compiled / eager,
+            "note": f"reference: the same step eager; median of {steps} steps; first compiled step {compile_s:.0f} s"}
+
+
 def run() -> list[dict]:
     torch.set_grad_enabled(True)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         rows = _restore_rows(tmp)
         rows.append(_train_row(tmp))
+        rows.append(_compile_row(tmp))
     return rows
 
 

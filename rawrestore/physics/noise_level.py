@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rawrestore.errors import InputError
+
 MAD_TO_STD = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a normal is 0.6745 sigma
 BOX_RESIDUAL_GAIN = 8.0 / 9.0  # Var[x - box3x3(x)] / Var[x] for independent noise
 
@@ -44,7 +46,7 @@ def estimate_noise_level(packed: torch.Tensor, bins: int = 32, floor: float = 1e
     Var[x] ~ a * mean + b in the input's units (see the module docstring).
     """
     if packed.ndim != 4 or packed.shape[-1] < 3 or packed.shape[-2] < 3:
-        raise ValueError(f"estimate_noise_level expects (B,C,h,w) with h, w >= 3, got {tuple(packed.shape)}")
+        raise InputError(f"estimate_noise_level expects (B,C,h,w) with h, w >= 3, got {tuple(packed.shape)}")
     x = packed.detach().float()
     mean = local_mean(x)
     residual = x - mean

@@ -20,7 +20,7 @@ from isp.safeio import atomic_output, check_output
 from rawrestore.errors import InputError
 
 __all__ = ["LOG_NAME", "CURVES_NAME", "TrainingError", "read_log", "write_loss_curves", "JsonlLog", "truncate_log",
-           "format_groups", "open_tensorboard", "report_step"]
+           "format_groups", "open_tensorboard", "report_step", "plot_curves"]
 
 _log = logging.getLogger("rawrestore.train")
 
@@ -176,6 +176,15 @@ def write_loss_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) 
     with atomic_output(png_path, what="loss curves") as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     return Path(png_path)
+
+
+def plot_curves(output_dir: Path, report: Callable[[str], None]) -> Path | None:
+    """output_dir/loss_curves.png from its log.jsonl; a plotting failure is one reported line, never an error."""
+    try:
+        return write_loss_curves(Path(output_dir) / LOG_NAME, Path(output_dir) / CURVES_NAME)
+    except Exception as error:  # plotting must never lose a finished run
+        report(f"train: loss curves not written ({type(error).__name__}: {error})")
+        return None
 
 
 def format_groups(summary: dict[str, dict[str, Any]]) -> str:

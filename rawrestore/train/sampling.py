@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 from rawrestore.errors import InputError
 
 __all__ = [
-    "mix_seed", "SALT_PERMUTATION", "SALT_SAMPLE", "SALT_SYNTHETIC", "SampleKey", "StepBatchSampler", "SeededSamples",
+    "mix_seed", "SALT_PERMUTATION", "SALT_SAMPLE", "SALT_SYNTHETIC", "SALT_RESEED", "SampleKey", "StepBatchSampler", "SeededSamples",
     "LoadFailure", "collate", "worker_init", "worker_death_message", "seeded_item", "build_loader",
 ]
 
@@ -36,6 +36,7 @@ _MASK63 = (1 << 63) - 1
 SALT_PERMUTATION = 0x5A3D
 SALT_SAMPLE = 0x5A4E
 SALT_SYNTHETIC = 0xD4
+SALT_RESEED = 0x7E5E  # global RNGs after a resume with another number of processes
 
 
 def mix_seed(*parts: int) -> int:

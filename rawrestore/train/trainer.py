@@ -50,11 +50,11 @@ from rawrestore.train.distributed import DistInfo
 from rawrestore.train.optim import AUTOCAST_DTYPES, ModelEMA, build_optimizer, lr_factor, resolve_amp, set_determinism
 from rawrestore.train.runlock import RunLock
 from rawrestore.train.runlog import (
-    CURVES_NAME, LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, read_log, report_step, truncate_log,
-    write_loss_curves,
+    CURVES_NAME, LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, plot_curves, read_log, report_step,
+    truncate_log, write_loss_curves,
 )
 from rawrestore.train.sampling import (
-    SALT_SYNTHETIC, build_loader, mix_seed, worker_death_message,
+    SALT_RESEED, SALT_SYNTHETIC, build_loader, mix_seed, worker_death_message,
 )
 from rawrestore.train.signals import StopRequest
 from rawrestore.train.step import StepOutcome, StepState, run_step, synthesize
@@ -194,7 +194,7 @@ class Trainer:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise TrainingError(f"cannot create output_dir {self.output_dir}: {error.strerror or error}; "
+            raise TrainingError(f"cannot write to output_dir {self.output_dir}: {error.strerror or error}; "
                                 "set output_dir to a folder that can be created and written") from None
         self.lock.acquire()
 
@@ -291,9 +291,10 @@ class Trainer:
         else:
             self.info(f"resume: checkpoint has RNG states of {len(rng)} process(es), this run has "
                       f"{self.dist.world_size}; reseeding (the data order still follows the step)")
-            random.seed(mix_seed(self.cfg.seed, self.step, self.dist.rank))
-            np.random.seed(mix_seed(self.cfg.seed, self.step, self.dist.rank) & 0xFFFFFFFF)
-            torch.manual_seed(mix_seed(self.cfg.seed, self.step, self.dist.rank))
+            seed = mix_seed(self.cfg.seed, SALT_RESEED, self.step, self.dist.rank)
+            random.seed(seed)
+            np.random.seed(seed & 0xFFFFFFFF)
+            torch.manual_seed(seed)
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size:
             self.info(f"resume: checkpoint was written by {saved_world} process(es), this run has "
@@ -334,6 +335,7 @@ class Trainer:
         end = train.iterations if stop_at is None else min(stop_at, train.iterations)
         if not self._prepared:
             self.resume(None)  # a fresh run: take the lock, clear a killed run's leftovers
+        self.acquire_lock()  # again after an earlier fit() of this trainer released it
         try:
             with self.stop.installed():
                 return self._fit(end)
@@ -429,16 +431,11 @@ class Trainer:
                    "elapsed_s": round(elapsed, 3), "weights_sha256_per_rank": digests})
         log.close()
         if self.is_main:
-            try:
-                curves = write_loss_curves(self.output_dir / LOG_NAME, self.output_dir / CURVES_NAME)
-            except Exception as error:  # plotting must never lose a finished run
-                curves = None
-                self._print(f"train: loss curves not written ({type(error).__name__}: {error})")
+            curves = plot_curves(self.output_dir, self._print)
             rate = (self.step - start_step) / elapsed if elapsed > 0 else float("nan")
             best = f"; best val PSNR {self.best_psnr:.2f} dB at step {self.best_step}" if self.best_psnr is not None else ""
             self._print(f"train: step {self.step}/{train.iterations} in {elapsed:.1f} s ({rate:.2f} it/s), "
-                        f"{self.skipped_steps} skipped; checkpoint {written}{best}"
-                        + (f"; curves {curves}" if curves else ""))
+                        f"{self.skipped_steps} skipped; checkpoint {written}{best}" + (f"; curves {curves}" if curves else ""))
         return FitResult(self.step, reason, written, self.best_psnr, self.skipped_steps)
 
     def _validate_and_log(self, log: JsonlLog, board: Any, bar: Any) -> None:
