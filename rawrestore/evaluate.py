@@ -115,9 +115,6 @@ def classical_denoise(packed: torch.Tensor, method: str) -> torch.Tensor:
 
 def delta_e_map(pred_srgb: torch.Tensor, target_srgb: torch.Tensor) -> np.ndarray:
     """Per-pixel CIEDE2000 as a colour picture. (1,3,H,W) sRGB -> (H,W,3) uint8 (inferno, 0..20 dE00)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib import colormaps
 
     difference = delta_e2000(srgb_to_lab(pred_srgb.double()), srgb_to_lab(target_srgb.double()))[0]
@@ -155,7 +152,7 @@ REPORT_PICTURES = (("input", "scaled input (baseline)"), ("pred", "prediction"),
 
 def _curves_for_report(cfg: ExperimentConfig, images_dir: Path) -> str | None:
     """Copy (or draw from log.jsonl) the run's loss curves into the report folder. -> relative path or None."""
-    from rawrestore.train.trainer import CURVES_NAME, LOG_NAME, write_loss_curves
+    from rawrestore.train.runlog import CURVES_NAME, LOG_NAME, write_loss_curves
 
     run_dir = Path(cfg.output_dir)
     target = images_dir / CURVES_NAME

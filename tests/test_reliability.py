@@ -25,7 +25,7 @@ from rawrestore.cli import main
 from rawrestore.data.cache import DecodeCache
 from rawrestore.data.manifest import read_sid_list, write_manifest
 from rawrestore.train import checkpoint as ckpt
-from rawrestore.train.trainer import read_log
+from rawrestore.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = "Sony/short/00001_00_0.04s.dng"  # a training pair of the synthetic set

@@ -11,7 +11,6 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from isp.cfa import unpack
 from rawrestore.errors import InputError

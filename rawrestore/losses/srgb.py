@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 import pytorch_msssim
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from isp.color import delta_e2000, srgb_to_lab
 from rawrestore.errors import InputError

@@ -48,17 +48,15 @@ def check_report_dir(folder: str) -> Path:
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
     return buffer.getvalue()
 
 
 def _axes(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = (5, 3.6)):
     """A new figure with one labelled axis. -> (figure, axis)."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # its own Agg canvas: no global backend, nothing to close
 
-    figure, axis = plt.subplots(figsize=size)
+    figure = Figure(figsize=size)
+    axis = figure.add_subplot()
     axis.set_title(title)
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
@@ -136,9 +134,6 @@ def _lines_figure(calibration: Calibration):
 
 def write_report(calibration: Calibration, folder: str | Path) -> Path:
     """Write the report's PNGs and index.html into `folder` (created if missing). -> path of index.html."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     folder = check_report_dir(str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     check_output(folder / REPORT_PAGE, what="--report page")

@@ -38,20 +38,17 @@ import numpy as np
 import torch
 from torch import nn
 
-import isp
 from rawrestore.config import ExperimentConfig, save_resolved, to_dict
-from rawrestore.errors import ConfigError, DataError, InputError
+from rawrestore.errors import ConfigError, InputError
 from rawrestore.models import build_model_from_config, count_parameters
 from rawrestore.pretrained import build_lpips_or_none
-from rawrestore.tiling import tiled_apply
 from rawrestore.train import checkpoint as ckpt
 from rawrestore.train import distributed as dist_utils
 from rawrestore.train.distributed import DistInfo
 from rawrestore.train.optim import AUTOCAST_DTYPES, ModelEMA, build_optimizer, lr_factor, resolve_amp, set_determinism
 from rawrestore.train.runlock import RunLock
 from rawrestore.train.runlog import (
-    CURVES_NAME, LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, plot_curves, read_log, report_step,
-    truncate_log, write_loss_curves,
+    LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, plot_curves, report_step, truncate_log,
 )
 from rawrestore.train.sampling import (
     SALT_RESEED, SALT_SYNTHETIC, build_loader, mix_seed, worker_death_message,
@@ -59,8 +56,7 @@ from rawrestore.train.sampling import (
 from rawrestore.train.signals import StopRequest
 from rawrestore.train.step import StepOutcome, StepState, run_step, synthesize
 
-__all__ = ["Trainer", "FitResult", "TrainingError", "LOG_NAME", "CURVES_NAME", "build_lpips_or_none",
-           "write_loss_curves", "read_log"]
+__all__ = ["Trainer", "FitResult", "TrainingError"]
 
 CONFIG_NAME = "config.yaml"
 _log = logging.getLogger("rawrestore.train")
@@ -159,7 +155,6 @@ class Trainer:
         self._reading: Any = None  # (pid, dataset index) per DataLoader worker, see SeededSamples
         self._lpips: nn.Module | None = None
         self._lpips_note: str | None = None
-        self.val_render = isp.ISP(demosaic="bilinear", gamma="srgb")
         self.param_count = count_parameters(self.net)
 
     # ------------------------------------------------------------------ helpers
