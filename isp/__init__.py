@@ -15,7 +15,7 @@ _EXPORTS = {
     "render": "pipeline", "render_file": "pipeline", "resolve_device": "pipeline", "select_wb": "pipeline",
     "write_dng": "io", "write_image": "outputs",
 }
-_SUBMODULES = ("cfa", "cli", "color", "develop", "errors", "fast", "io", "meta", "modules", "ops", "outputs", "pipeline",
+_SUBMODULES = ("cfa", "cli", "color", "develop", "errors", "fast", "geometry", "io", "meta", "ops", "outputs", "pipeline",
                "png", "rawfile", "safeio")
 
 __all__ = ["InputError", "RawReadError", "cfa", "color", "ops", *_EXPORTS]
