@@ -582,3 +582,21 @@ def test_backbone_window_puts_vgg_and_lpips_on_a_step_placed_window(empty_hub):
     assert len(corners) > 5
     with pytest.raises(ConfigError, match="loss.backbone_window"):
         from_dict({"loss": {"backbone_window": 0.0}})
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_stack_renders_a_mixed_cfa_batch_per_sample(packed):
+    """RGGB and BGGR samples in one batch: the sRGB terms see each sample rendered with its own CFA."""
+    cfa = torch.tensor([[[0, 1], [1, 2]], [[2, 1], [1, 0]]])
+    pred, batch = make_batch(shape=(2, 4, 8, 8), seed=7, packed=packed)
+    pred_mosaic = torch.cat([unpack(pred[i:i + 1], cfa[i]) for i in range(2)])
+    target_mosaic = torch.cat([unpack(batch["target"][i:i + 1], cfa[i]) for i in range(2)])
+    if not packed:
+        pred, batch["target"], batch["input"] = pred_mosaic, target_mosaic, target_mosaic
+    batch["cfa"] = cfa
+    stack = LossStack(loss_config(delta_e00=1.0), total_steps=10)
+    total, _ = stack(pred, batch, step=0)
+    renders = [isp.pipeline.render(m[i:i + 1], cfa[i], batch["wb"], batch["cam_to_srgb"])
+               for m in (pred_mosaic, target_mosaic) for i in range(2)]
+    expected = delta_e00(torch.cat(renders[:2]), torch.cat(renders[2:]))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
