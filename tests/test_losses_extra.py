@@ -16,7 +16,7 @@ from torch import nn
 
 from rawrestore.config import load_config
 from rawrestore.config.schema import PERCEPTUAL_PRESETS, LossConfig
-from rawrestore.errors import ConfigError
+from rawrestore.errors import ConfigError, WeightsError
 from rawrestore.losses import LOSSES, GramLoss, LossStack, PerceptualLoss, blur_color, gram_loss, perceptual, sobel_edge
 from rawrestore.losses.perceptual import IMAGENET_MEAN, IMAGENET_STD, layer_indices
 from tests.test_losses import loss_config, make_batch, render
@@ -189,3 +189,9 @@ def test_stack_runs_the_new_terms_on_its_two_renders():
     assert gram.layer_indices == [3, 1]
     weighted = values["raw_l1"] + 0.5 * values["sobel_edge"] + 2.0 * values["blur_color"] + 0.1 * values["gram"]
     assert total.item() == pytest.approx(weighted.item(), rel=1e-6)
+
+
+def test_missing_vgg_weights_name_the_gram_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty_hub"))
+    with pytest.raises(WeightsError, match=r"loss\.gram\.weights=PATH"):
+        GramLoss.from_pretrained("vgg19")

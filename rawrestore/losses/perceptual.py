@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rawrestore import pretrained
-from rawrestore.errors import ConfigError, InputError
+from rawrestore.errors import ConfigError, InputError, WeightsError
 from rawrestore.losses.term import BuildContext, LossTerm
 
 __all__ = [
@@ -241,7 +241,10 @@ class _VGGFeatureTerm(LossTerm):
         """Load the ImageNet `arch` ('vgg19' or 'vgg16') offline via rawrestore.pretrained. -> the term; WeightsError if missing."""
         if arch not in ("vgg19", "vgg16"):
             raise ConfigError(f"{cls.who} backbone must be 'vgg19' or 'vgg16', got {arch!r}")
-        features = pretrained.load_features(arch, weights_path, allow_random=allow_random)
+        try:
+            features = pretrained.load_features(arch, weights_path, allow_random=allow_random)
+        except WeightsError as error:  # the message names the perceptual term's key; this term has its own
+            raise WeightsError(str(error).replace("loss.perceptual.weights", f"loss.{cls.who}.weights")) from None
         return cls(features, layers=layers, criterion=criterion, layer_weights=layer_weights)
 
     @classmethod
