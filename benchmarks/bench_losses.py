@@ -7,8 +7,10 @@ networks, each against RAW-L1 alone; then the full and half-size stacks with mix
 (train.amp: the model and the frozen VGG/LPIPS under autocast, bf16 on the CPU) against RAW-L1
 with the same mixed precision. VGG/LPIPS use RANDOM backbones (allow_random_backbones):
 the timing is the same as with ImageNet weights, the values are not. Goal: full / RAW-L1 <= 1.6.
+Issue 16's terms get a row each: RAW-L1 + the term (Gram, Sobel edge, blurred colour, the S3Net
+perceptual preset) against RAW-L1 alone.
 
-Usage: python benchmarks/bench_losses.py [--crop 256] [--batch 1] [--repeats 5]
+Usage: python benchmarks/bench_losses.py [--crop 256] [--batch 1] [--repeats 5] [--kinds full gram ...]
 """
 from __future__ import annotations
 
@@ -30,9 +32,24 @@ STEP = 850  # 85% of the run: the perceptual ramp is on, so every term is weight
 TOTAL_STEPS = 1000
 
 
+# RAW-L1 plus one sRGB term at weight 0.1 (issue 16's terms); "s3net" is the perceptual term with that preset
+SINGLE_TERMS = ("gram", "sobel_edge", "blur_color", "s3net")
+KINDS = ("full", "half", "half_window", "no_backbones") + SINGLE_TERMS
+
+
 def _config(kind: str) -> LossConfig:
-    """'full' (defaults), 'half' (defaults, half-size render), 'half_window' (+ VGG/LPIPS on a half-side window), 'no_backbones' or 'raw_l1'."""
+    """'full' (defaults), 'half' (defaults, half-size render), 'half_window' (+ VGG/LPIPS on a half-side window),
+    'no_backbones', 'raw_l1', or one of SINGLE_TERMS (RAW-L1 + that term)."""
     config = LossConfig()
+    if kind in SINGLE_TERMS:
+        for term in config.terms().values():
+            term.weight = 0.0
+        config.raw_l1.weight = 1.0
+        if kind == "s3net":
+            config.perceptual.preset = "s3net"
+        term = config.perceptual if kind == "s3net" else getattr(config, kind)
+        term.weight, term.schedule = 0.1, "fixed"
+        return config
     if kind in ("half", "half_window"):
         config.render_demosaic = "half"
     if kind == "half_window":
@@ -73,7 +90,7 @@ def _best_of_interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> di
     return best
 
 
-def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32) -> list[dict]:
+def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32, kinds: tuple[str, ...] = KINDS) -> list[dict]:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model("unet", in_channels=4, base=width).to(device)
@@ -89,7 +106,7 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32) -> l
     }
     with _quiet():
         stacks = {kind: LossStack(_config(kind), TOTAL_STEPS, cfa_period=2, allow_random_backbones=True).to(device)
-                  for kind in ("raw_l1", "full", "half", "half_window", "no_backbones")}
+                  for kind in ("raw_l1",) + tuple(kinds)}
 
     amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
 
@@ -107,25 +124,30 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32) -> l
         return one
 
     times = _best_of_interleaved({kind: step(kind) for kind in stacks}, repeats)
-    amp_times = _best_of_interleaved({kind: step(kind, amp=True) for kind in ("raw_l1", "full", "half")}, repeats)
+    amp_kinds = [kind for kind in ("full", "half") if kind in kinds]
+    amp_times = _best_of_interleaved({kind: step(kind, amp=True) for kind in ["raw_l1"] + amp_kinds}, repeats) if amp_kinds else {}
     shape = f"UNet({width}) batch {batch}, {crop}x{crop} Bayer crop ({size}x{size} packed), {device.type}"
     notes = {
         "full": "default stack (VGG-19 relu3_3+relu4_3, LPIPS-alex, dE00, SSIM, crosstalk, RAW-L1); RANDOM backbones; goal ratio <= 1.6",
         "half": "default stack, sRGB terms on the half-size render (render_demosaic=half); RANDOM backbones",
         "half_window": "as half, VGG and LPIPS on a window of half the render's side (loss.backbone_window=0.5); RANDOM backbones",
         "no_backbones": "default stack without VGG/LPIPS (RAW-L1, crosstalk, dE00, SSIM)",
+        "gram": "RAW-L1 + Gram style loss on VGG-19 relu1_1..relu5_1 (weight 0.1); RANDOM backbone",
+        "sobel_edge": "RAW-L1 + edge-masked Sobel loss (weight 0.1)",
+        "blur_color": "RAW-L1 + blurred-colour loss, sigma 3 (weight 0.1)",
+        "s3net": "RAW-L1 + VGG-19 perceptual with preset s3net (relu1_1..relu5_1, 1/32..1; weight 0.1); RANDOM backbone",
     }
     amp_name = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
     rows = [
         {"name": f"train step, loss={kind}: {shape}", "ours_s": times[kind], "reference_s": times["raw_l1"],
          "ratio": times[kind] / times["raw_l1"], "note": f"reference: RAW-L1 alone; {notes[kind]}"}
-        for kind in ("full", "half", "half_window", "no_backbones")
+        for kind in kinds
     ]
     rows += [
         {"name": f"train step, loss={kind}, amp {amp_name}: {shape}", "ours_s": amp_times[kind],
          "reference_s": amp_times["raw_l1"], "ratio": amp_times[kind] / amp_times["raw_l1"],
          "note": f"reference: RAW-L1 alone, same amp; {notes[kind]}; model and VGG/LPIPS under autocast (train.amp={amp_name})"}
-        for kind in ("full", "half")
+        for kind in amp_kinds
     ]
     return rows
 
@@ -135,6 +157,7 @@ if __name__ == "__main__":
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="stacks to time against RAW-L1")
     args = parser.parse_args()
-    for row in run(args.crop, args.batch, args.repeats):
+    for row in run(args.crop, args.batch, args.repeats, kinds=tuple(args.kinds)):
         print(row)

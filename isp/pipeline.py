@@ -45,7 +45,7 @@ def render(
         rgb = F.pixel_shuffle(fast.demosaic_bayer_sites(balanced, cfa[0]), 2)
     else:
         if packed:
-            raw = unpack(raw, torch.as_tensor(cfa)[0] if torch.as_tensor(cfa).ndim == 3 else cfa)
+            raw = unpack(raw, cfa)  # per-sample CFA: a batch may mix Bayer phases
         if raw.ndim != 4 or raw.shape[1] != 1:
             raise InputError(f"render needs a (B,1,H,W) mosaic or packed=True, got {tuple(raw.shape)}")
         cfa = as_batched_cfa(cfa, batch, raw.device)

@@ -82,3 +82,27 @@ def test_exposure_ratio_brightens_linearly(tmp_path):
     bright = isp.render_file(tmp_path / "a.dng", gamma="linear", exposure_ratio=20)
     interior = (slice(2, -2), slice(2, -2))
     np.testing.assert_allclose(bright[interior], np.clip(base[interior] * 20, 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("demosaic", ["bilinear", "malvar"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_mixed_cfa_batch_renders_each_sample_with_its_own_cfa(demosaic, packed):
+    """A batch mixing Bayer phases renders like each sample alone (packed used to take sample 0's CFA)."""
+    import torch
+
+    from isp.cfa import pack
+    from tests.rawfixtures import CAM_TO_SRGB
+
+    phases = ["RGGB", "BGGR", "GRBG", "BGGR"]
+    cfa = torch.tensor([BAYER_PHASES[p] for p in phases])
+    mosaic = torch.rand(len(phases), 1, 12, 16, generator=torch.Generator().manual_seed(0))
+    wb = torch.tensor([[2.0, 1.0, 1.5], [1.6, 1.0, 2.2], [2.4, 1.0, 1.1], [1.9, 1.0, 1.7]])
+    matrix = torch.tensor(CAM_TO_SRGB)
+    raw = torch.cat([pack(mosaic[i:i + 1], cfa[i]) for i in range(len(phases))]) if packed else mosaic
+    batch = isp.pipeline.render(raw, cfa, wb, matrix, demosaic=demosaic, packed=packed)
+    alone = torch.cat([isp.pipeline.render(mosaic[i:i + 1], cfa[i], wb[i], matrix, demosaic=demosaic)
+                       for i in range(len(phases))])
+    assert float((batch - alone).abs().max()) < 1e-6
+    # the bug this guards against: sample 0's CFA for all would differ by far more
+    wrong = isp.pipeline.render(mosaic, cfa[:1].expand_as(cfa), wb, matrix, demosaic=demosaic)
+    assert float((wrong - alone).abs().max()) > 0.1

@@ -421,7 +421,8 @@ def test_report_holds_each_term_and_its_weight():
         "edge": laplacian_edge(pred_srgb, target_srgb),
         "color_angle": color_angle(pred_srgb, target_srgb),
     }
-    weights = {"raw_l1": 1.0, "charbonnier": 0.5, "robust": 0.25, "crosstalk": 0.1, "delta_e00": 0.02, "ssim": 0.05,
+    weights = {"raw_l1": 1.0, "charbonnier": 0.5, "robust": 0.25, "crosstalk": 0.1, "ssim": 0.05,
+               "delta_e00": 0.002,  # the default's staged ramp: 0.002 until 70% of the run
                "edge": 0.3, "color_angle": 0.2}
     for name, value in expected.items():
         assert report[name] == pytest.approx(value.item(), rel=1e-10), name
@@ -582,3 +583,21 @@ def test_backbone_window_puts_vgg_and_lpips_on_a_step_placed_window(empty_hub):
     assert len(corners) > 5
     with pytest.raises(ConfigError, match="loss.backbone_window"):
         from_dict({"loss": {"backbone_window": 0.0}})
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_stack_renders_a_mixed_cfa_batch_per_sample(packed):
+    """RGGB and BGGR samples in one batch: the sRGB terms see each sample rendered with its own CFA."""
+    cfa = torch.tensor([[[0, 1], [1, 2]], [[2, 1], [1, 0]]])
+    pred, batch = make_batch(shape=(2, 4, 8, 8), seed=7, packed=packed)
+    pred_mosaic = torch.cat([unpack(pred[i:i + 1], cfa[i]) for i in range(2)])
+    target_mosaic = torch.cat([unpack(batch["target"][i:i + 1], cfa[i]) for i in range(2)])
+    if not packed:
+        pred, batch["target"], batch["input"] = pred_mosaic, target_mosaic, target_mosaic
+    batch["cfa"] = cfa
+    stack = LossStack(loss_config(delta_e00=1.0), total_steps=10)
+    _, values = stack(pred, batch, step=0)
+    renders = [isp.pipeline.render(m[i:i + 1], cfa[i], batch["wb"], batch["cam_to_srgb"])
+               for m in (pred_mosaic, target_mosaic) for i in range(2)]
+    expected = delta_e00(torch.cat(renders[:2]), torch.cat(renders[2:]))
+    assert values["delta_e00"].item() == pytest.approx(expected.item(), rel=1e-6)

@@ -240,12 +240,19 @@ class RobustTermConfig(LossTermConfig):
         _require(self.scale > 0, f"{key}.scale", "must be > 0", self.scale)
 
 
+# loss.perceptual.preset -> (layers, layer_weights); S3Net's multi-layer VGG-19 weighting
+PERCEPTUAL_PRESETS: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
+    "s3net": (("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)),
+}
+
+
 @dataclass
-class PerceptualTermConfig(LossTermConfig):
-    """VGG feature loss on rendered sRGB; `weights` is a local torchvision state dict of `arch`.
+class VGGTermConfig(LossTermConfig):
+    """A loss on VGG activations of the rendered sRGB; `weights` is a local torchvision state dict of `arch`.
 
     `layers` are names like 'relu3_3' / 'conv5_4' / 'pool4', or 'features[:35]' (Spectroformer's
-    tap: the output of torchvision's features[:35], i.e. conv5_4 of VGG19 before its ReLU).
+    tap: the output of torchvision's features[:35], i.e. conv5_4 of VGG19 before its ReLU);
+    `layer_weights[i]` (default 1) weighs `layers[i]`.
     """
 
     arch: Literal["vgg19", "vgg16"] = "vgg19"
@@ -254,17 +261,83 @@ class PerceptualTermConfig(LossTermConfig):
     criterion: Literal["l1", "l2"] = "l1"
     weights: str | None = None  # None: torchvision's cache (torch.hub.get_dir()/checkpoints)
 
+    def tapped_layers(self) -> tuple[list[str], list[float] | None]:
+        """The (layers, layer_weights) the term uses."""
+        return list(self.layers), None if self.layer_weights is None else list(self.layer_weights)
+
     def validate(self, key: str) -> None:
-        """Check values: at least one layer name of `arch` plus the common term checks."""
+        """Check values: at least one layer name of `arch`, one weight per layer, plus the common term checks."""
         super().validate(key)
         known = VGG19_LAYERS if self.arch == "vgg19" else VGG16_LAYERS | {f"pool{b}" for b in range(1, 6)}
-        _require(len(self.layers) > 0, f"{key}.layers", f"needs at least one {self.arch} layer", self.layers)
-        for layer in self.layers:
+        layers, layer_weights = self.tapped_layers()
+        _require(len(layers) > 0, f"{key}.layers", f"needs at least one {self.arch} layer", layers)
+        for layer in layers:
             _require(layer in known or bool(_FEATURES_SLICE.match(layer)), f"{key}.layers",
                      f"must name {self.arch} layers like 'relu3_3', 'conv5_4', 'pool4' or 'features[:35]'", layer)
-        if self.layer_weights is not None:
-            _require(len(self.layer_weights) == len(self.layers), f"{key}.layer_weights",
-                     "needs one weight per layer", self.layer_weights)
+        if layer_weights is not None:
+            _require(len(layer_weights) == len(layers), f"{key}.layer_weights", "needs one weight per layer", layer_weights)
+            _require(all(math.isfinite(w) and w >= 0 for w in layer_weights), f"{key}.layer_weights",
+                     "must be finite and >= 0", layer_weights)
+
+
+@dataclass
+class PerceptualTermConfig(VGGTermConfig):
+    """VGG feature loss on rendered sRGB (see VGGTermConfig); `preset: s3net` sets layers and layer_weights
+    (relu1_1 ... relu5_1 weighted 1/32, 1/16, 1/8, 1/4, 1, as S3Net) and leaves `layers`/`layer_weights` unset."""
+
+    preset: Literal["none", "s3net"] = "none"
+
+    def tapped_layers(self) -> tuple[list[str], list[float] | None]:
+        """The (layers, layer_weights) of the preset, or as configured when `preset` is 'none'."""
+        if self.preset == "none":
+            return super().tapped_layers()
+        layers, layer_weights = PERCEPTUAL_PRESETS[self.preset]
+        return list(layers), list(layer_weights)
+
+    def validate(self, key: str) -> None:
+        """Check values: a preset leaves `layers` at its default and `layer_weights` unset; then the VGG checks."""
+        if self.preset != "none":
+            _require(self.layers == VGGTermConfig().layers and self.layer_weights is None, f"{key}.preset",
+                     f"sets layers and layer_weights itself; remove {key}.layers/{key}.layer_weights or the preset",
+                     self.preset)
+        super().validate(key)
+
+
+@dataclass
+class GramTermConfig(VGGTermConfig):
+    """Gram-matrix style loss on VGG activations of the rendered sRGB (see VGGTermConfig), Gatys' relu*_1 layers by default."""
+
+    layers: list[str] = field(default_factory=lambda: ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"])
+
+
+@dataclass
+class SobelEdgeTermConfig(LossTermConfig):
+    """L1 of Sobel gradient magnitudes on rendered sRGB, weighted 1 where the target's magnitude exceeds
+    `threshold` and `background` elsewhere."""
+
+    threshold: float = 0.1
+    background: float = 0.0
+
+    def validate(self, key: str) -> None:
+        """Check values: threshold >= 0, background in [0, 1], plus the common term checks."""
+        super().validate(key)
+        _require(math.isfinite(self.threshold) and self.threshold >= 0, f"{key}.threshold", "must be finite and >= 0",
+                 self.threshold)
+        _require(0.0 <= self.background <= 1.0, f"{key}.background", "must be in [0, 1]", self.background)
+
+
+@dataclass
+class BlurColorTermConfig(LossTermConfig):
+    """L1 or L2 between Gaussian-blurred renders (colour without texture); `sigma` in pixels, kernel radius 4 sigma."""
+
+    sigma: float = 3.0
+    criterion: Literal["l1", "l2"] = "l2"
+
+    def validate(self, key: str) -> None:
+        """Check values: 0 < sigma <= 64 plus the common term checks."""
+        super().validate(key)
+        _require(math.isfinite(self.sigma) and 0 < self.sigma <= 64, f"{key}.sigma", "must be in (0, 64] pixels",
+                 self.sigma)
 
 
 @dataclass
@@ -286,8 +359,10 @@ class LpipsTermConfig(LossTermConfig):
 class LossConfig:
     """The loss stack: one entry per term, how terms are weighted, and how sRGB is rendered.
 
-    Defaults: RAW-L1 1.0, crosstalk consistency 0.10, perceptual 0.02 ramping linearly to 0.10
-    over the last 30% of iterations, LPIPS 0.02, CIEDE2000 0.02, SSIM 0.05; the rest off.
+    Defaults (staged: RAW terms first, the perceptual stage ramps in over the last 30% of
+    iterations): RAW-L1 1.0, crosstalk consistency 0.10, SSIM 0.05, VGG perceptual 0.02 -> 0.10,
+    LPIPS 0.004 -> 0.02 and CIEDE2000 0.002 -> 0.02 (linear ramps); the rest off. At step 1 an
+    untrained net's CIEDE2000 is ~35 units: at a fixed 0.02 it was two thirds of the total.
     """
 
     raw_l1: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=1.0))
@@ -299,13 +374,24 @@ class LossConfig:
             weight=0.02, schedule="linear", end_weight=0.10, ramp_start=0.7, ramp_end=1.0
         )
     )
-    lpips: LpipsTermConfig = field(default_factory=lambda: LpipsTermConfig(weight=0.02))
-    delta_e00: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.02))
+    lpips: LpipsTermConfig = field(
+        default_factory=lambda: LpipsTermConfig(
+            weight=0.02, schedule="linear", start_weight=0.004, end_weight=0.02, ramp_start=0.7, ramp_end=1.0
+        )
+    )
+    delta_e00: LossTermConfig = field(
+        default_factory=lambda: LossTermConfig(
+            weight=0.02, schedule="linear", start_weight=0.002, end_weight=0.02, ramp_start=0.7, ramp_end=1.0
+        )
+    )
     ssim: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.05))
     psnr: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))  # minus mean per-image sRGB PSNR, dB
     ms_ssim: MSSSIMTermConfig = field(default_factory=lambda: MSSSIMTermConfig(weight=0.0))
     edge: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
     color_angle: LossTermConfig = field(default_factory=lambda: LossTermConfig(weight=0.0))
+    gram: GramTermConfig = field(default_factory=GramTermConfig)
+    sobel_edge: SobelEdgeTermConfig = field(default_factory=SobelEdgeTermConfig)
+    blur_color: BlurColorTermConfig = field(default_factory=BlurColorTermConfig)
     weighting: Literal["fixed", "uncertainty", "softmax"] = "fixed"
     crosstalk_kernel: str = "uniform(0.02)"  # "identity" | "uniform(<leak>)" | path to a kernel file
     render_demosaic: Literal["bilinear", "malvar", "half"] = "bilinear"
@@ -355,10 +441,15 @@ class TrainConfig:
     lr: float = 1e-4
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = 0.0
-    schedule: Literal["cosine", "step"] = "cosine"
+    schedule: Literal["cosine", "step", "onecycle"] = "cosine"
     warmup_iters: int = 0
     step_milestones: list[int] = field(default_factory=list)  # schedule "step": multiply lr by step_gamma
     step_gamma: float = 0.1
+    # schedule "onecycle" (torch's OneCycleLR, cosine, lr = its max_lr): lr/div_factor rises to lr over the
+    # first onecycle_pct_start of the run, then falls to lr/(div_factor*final_div_factor)
+    onecycle_pct_start: float = 0.3
+    onecycle_div_factor: float = 25.0
+    onecycle_final_div_factor: float = 1.0e4
     amp: Literal["off", "bf16", "fp16", "auto"] = "off"  # auto: bf16 where native (AVX512-BF16/AMX CPUs, recent GPUs), fp16 on older GPUs, else off
     channels_last: bool = True  # NHWC activations: faster convolutions on CPUs and tensor-core GPUs
     grad_clip: float | None = None  # max global grad norm
@@ -385,6 +476,17 @@ class TrainConfig:
         _require(all(a < b for a, b in zip(milestones, milestones[1:])), f"{key}.step_milestones",
                  "must be strictly increasing", milestones)
         _require(0 < self.step_gamma <= 1, f"{key}.step_gamma", "must be in (0, 1]", self.step_gamma)
+        if self.schedule == "onecycle":
+            _require(self.warmup_iters == 0, f"{key}.warmup_iters",
+                     "must be 0 with schedule onecycle (its first onecycle_pct_start of the run is the warm-up)",
+                     self.warmup_iters)
+            _require(0 < self.onecycle_pct_start < 1, f"{key}.onecycle_pct_start", "must be in (0, 1)",
+                     self.onecycle_pct_start)
+            _require(self.iterations * self.onecycle_pct_start >= 2 and self.iterations * (1 - self.onecycle_pct_start) >= 2,
+                     f"{key}.iterations", "must give each onecycle phase at least 2 steps", self.iterations)
+        for name in ("onecycle_div_factor", "onecycle_final_div_factor"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 1, f"{key}.{name}", "must be a finite number >= 1", value)
         if self.grad_clip is not None:
             _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null", self.grad_clip)
         _require(self.accumulate >= 1, f"{key}.accumulate", "must be >= 1", self.accumulate)
@@ -474,6 +576,7 @@ class ExperimentConfig:
 
 __all__ = [
     "CFA_PERIOD", "VGG16_LAYERS", "DataConfig", "ModelConfig", "LossTermConfig", "CharbonnierTermConfig",
-    "RobustTermConfig", "PerceptualTermConfig", "MSSSIMTermConfig", "VGG19_LAYERS", "LpipsTermConfig", "LossConfig", "TrainConfig",
+    "RobustTermConfig", "VGGTermConfig", "PerceptualTermConfig", "GramTermConfig", "SobelEdgeTermConfig",
+    "BlurColorTermConfig", "PERCEPTUAL_PRESETS", "MSSSIMTermConfig", "VGG19_LAYERS", "LpipsTermConfig", "LossConfig", "TrainConfig",
     "EvalConfig", "ExperimentConfig",
 ]

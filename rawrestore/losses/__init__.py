@@ -8,7 +8,7 @@ class that builds itself from its config entry (`from_config`) and declares its 
 """
 from __future__ import annotations
 
-from rawrestore.losses.perceptual import LPIPSLoss, PerceptualLoss, lpips_loss, perceptual
+from rawrestore.losses.perceptual import GramLoss, LPIPSLoss, PerceptualLoss, gram_loss, lpips_loss, perceptual
 from rawrestore.losses.raw import (
     CharbonnierLoss,
     CrosstalkConsistencyLoss,
@@ -20,17 +20,21 @@ from rawrestore.losses.raw import (
     robust,
 )
 from rawrestore.losses.srgb import (
+    BlurColorLoss,
     ColorAngleLoss,
     DeltaE00Loss,
     LaplacianEdgeLoss,
     MSSSIMLoss,
     PSNRLoss,
+    SobelEdgeLoss,
     SSIMLoss,
+    blur_color,
     color_angle,
     delta_e00,
     laplacian_edge,
     ms_ssim_loss,
     neg_psnr,
+    sobel_edge,
     ssim_loss,
 )
 from rawrestore.losses.term import BuildContext, LossTerm
@@ -58,6 +62,9 @@ LOSSES: dict[str, type[LossTerm]] = {
     "ms_ssim": MSSSIMLoss,
     "edge": LaplacianEdgeLoss,
     "color_angle": ColorAngleLoss,
+    "gram": GramLoss,
+    "sobel_edge": SobelEdgeLoss,
+    "blur_color": BlurColorLoss,
 }
 
 from rawrestore.losses.stack import LossStack  # noqa: E402  (needs LOSSES above)
@@ -66,8 +73,10 @@ __all__ = [
     "LOSSES", "WEIGHTINGS", "LossStack", "LossTerm", "BuildContext",
     "l1", "charbonnier", "robust", "crosstalk_consistency",
     "perceptual", "lpips_loss", "delta_e00", "neg_psnr", "ssim_loss", "ms_ssim_loss", "laplacian_edge", "color_angle",
+    "gram_loss", "sobel_edge", "blur_color",
     "scheduled_weight", "uncertainty_weighted", "softmax_weighted",
     "L1Loss", "CharbonnierLoss", "RobustLoss", "CrosstalkConsistencyLoss", "PerceptualLoss", "LPIPSLoss",
     "DeltaE00Loss", "PSNRLoss", "SSIMLoss", "MSSSIMLoss", "LaplacianEdgeLoss", "ColorAngleLoss",
+    "GramLoss", "SobelEdgeLoss", "BlurColorLoss",
     "FixedWeighting", "UncertaintyWeighting", "SoftmaxWeighting",
 ]

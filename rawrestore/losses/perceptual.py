@@ -1,4 +1,4 @@
-"""Network-based sRGB loss terms: VGG feature (perceptual) loss and LPIPS, on two renders.
+"""Network-based sRGB loss terms: VGG feature (perceptual) loss, Gram-matrix style loss and LPIPS, on two renders.
 
 Both take ``(B,3,H,W)`` encoded sRGB in [0,1] and return a 0-dim tensor. Their backbones are
 frozen and kept in eval mode whatever `.train()` is called with; they are loaded offline through
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rawrestore import pretrained
-from rawrestore.errors import ConfigError, InputError
+from rawrestore.errors import ConfigError, InputError, WeightsError
 from rawrestore.losses.term import BuildContext, LossTerm
 
 __all__ = [
@@ -29,8 +29,12 @@ __all__ = [
     "IMAGENET_STD",
     "DEFAULT_LAYERS",
     "vgg_layer_names",
+    "layer_indices",
     "resolve_layers",
     "perceptual",
+    "gram_matrix",
+    "gram_loss",
+    "GramLoss",
     "lpips_loss",
     "PerceptualLoss",
     "LPIPSLoss",
@@ -58,8 +62,8 @@ def vgg_layer_names(features: nn.Sequential) -> dict[str, int]:
     return names
 
 
-def resolve_layers(features: nn.Sequential, layers: Sequence[str]) -> list[int]:
-    """Indices into ``features`` of the tapped layers. names like 'relu3_3' or 'features[:35]' -> sorted unique indices."""
+def layer_indices(features: nn.Sequential, layers: Sequence[str]) -> list[int]:
+    """Index into ``features`` of each named layer, in the order given. names like 'relu3_3' or 'features[:35]' -> indices."""
     if isinstance(layers, str) or len(layers) == 0:
         raise ConfigError(f"perceptual layers must be a non-empty list of VGG layer names, got {layers!r}")
     names = vgg_layer_names(features)
@@ -77,7 +81,54 @@ def resolve_layers(features: nn.Sequential, layers: Sequence[str]) -> list[int]:
             raise ConfigError(
                 f"perceptual layer {name!r} is not a layer of this VGG; use names like 'relu3_3', 'conv5_4', 'pool4' or 'features[:35]'"
             )
-    return sorted(set(indices))
+    return indices
+
+
+def resolve_layers(features: nn.Sequential, layers: Sequence[str]) -> list[int]:
+    """Indices into ``features`` of the tapped layers. names like 'relu3_3' or 'features[:35]' -> sorted unique indices."""
+    return sorted(set(layer_indices(features, layers)))
+
+
+def _weights_by_index(indices: Sequence[int], layer_weights: Sequence[float] | None, who: str) -> dict[int, float]:
+    """{tapped index: weight}, each weight staying with the layer it was listed with (a layer listed twice sums)."""
+    weights = [1.0] * len(indices) if layer_weights is None else [float(w) for w in layer_weights]
+    if len(weights) != len(indices):
+        raise InputError(f"{who}: {len(weights)} layer weights for {len(indices)} layers")
+    by_index: dict[int, float] = {}
+    for index, weight in zip(indices, weights):
+        by_index[index] = by_index.get(index, 0.0) + weight
+    return by_index
+
+
+def _normalised_taps(pred: torch.Tensor, target: torch.Tensor, features: nn.Sequential, indices: Sequence[int],
+                     who: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """VGG activations of both renders at sorted `indices` (ImageNet-normalised inputs; the target's without a graph)."""
+    for label, x in (("pred", pred), ("target", target)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"{who}: {label} must be a (B,3,H,W) sRGB tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if pred.shape != target.shape:
+        raise InputError(f"{who}: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=pred.dtype, device=pred.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=pred.dtype, device=pred.device).view(1, 3, 1, 1)
+    pred_taps = _taps((pred - mean) / std, features, indices)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
+        target_taps = _taps((target - mean) / std, features, indices)
+    return pred_taps, target_taps
+
+
+def _weighted_layer_sum(pred: torch.Tensor, target: torch.Tensor, features: nn.Sequential, indices: Sequence[int],
+                        criterion: str, layer_weights: Sequence[float] | None, transform, who: str) -> torch.Tensor:
+    """sum_l w_l * mean criterion(T(phi_l(pred)), T(phi_l(target))), T = `transform` or identity. -> ()."""
+    if criterion not in ("l1", "l2"):
+        raise InputError(f"{who}: criterion must be 'l1' or 'l2', got {criterion!r}")
+    by_index = _weights_by_index(indices, layer_weights, who)
+    taps = sorted(by_index)
+    pred_taps, target_taps = _normalised_taps(pred, target, features, taps, who)
+    total = pred.new_zeros(())
+    for index, p, t in zip(taps, pred_taps, target_taps):
+        difference = (p - t) if transform is None else (transform(p) - transform(t))
+        total = total + by_index[index] * (difference.abs().mean() if criterion == "l1" else (difference * difference).mean())
+    return total
 
 
 def _taps(image: torch.Tensor, features: nn.Sequential, indices: Sequence[int]) -> list[torch.Tensor]:
@@ -107,30 +158,11 @@ def perceptual(
     Inputs are normalised with the ImageNet mean/std before `features` (a torchvision VGG
     ``features`` stack whose ReLUs must not be in-place when a conv output is tapped; the
     `PerceptualLoss` module sees to that). 'l1' is the mean absolute difference, 'l2' the mean
-    squared difference; `layer_weights` default to 1 per tapped layer (in index order). The
-    target's features are computed without a graph unless the target itself requires grad.
+    squared difference. `indices` may come in any order (a config's); `layer_weights[i]`, default
+    1, is the weight of `indices[i]`. The target's features are computed without a graph unless
+    the target itself requires grad.
     """
-    if criterion not in ("l1", "l2"):
-        raise InputError(f"perceptual: criterion must be 'l1' or 'l2', got {criterion!r}")
-    for label, x in (("pred", pred), ("target", target)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
-            raise InputError(f"perceptual: {label} must be a (B,3,H,W) sRGB tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if pred.shape != target.shape:
-        raise InputError(f"perceptual: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
-    indices = sorted(set(indices))
-    weights = [1.0] * len(indices) if layer_weights is None else [float(w) for w in layer_weights]
-    if len(weights) != len(indices):
-        raise InputError(f"perceptual: {len(weights)} layer weights for {len(indices)} tapped layers")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=pred.dtype, device=pred.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=pred.dtype, device=pred.device).view(1, 3, 1, 1)
-    pred_taps = _taps((pred - mean) / std, features, indices)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
-        target_taps = _taps((target - mean) / std, features, indices)
-    total = pred.new_zeros(())
-    for weight, p, t in zip(weights, pred_taps, target_taps):
-        difference = p - t
-        total = total + weight * (difference.abs().mean() if criterion == "l1" else (difference * difference).mean())
-    return total
+    return _weighted_layer_sum(pred, target, features, indices, criterion, layer_weights, None, "perceptual")
 
 
 def _frozen_copy(features: nn.Sequential, last_index: int) -> nn.Sequential:
@@ -163,16 +195,18 @@ def _exclude_from_checkpoints(module: nn.Module) -> None:
     module.register_load_state_dict_pre_hook(restore)
 
 
-class PerceptualLoss(LossTerm):
-    """VGG perceptual loss (see `perceptual`). (B,3,H,W), (B,3,H,W) sRGB in [0,1] -> ().
+class _VGGFeatureTerm(LossTerm):
+    """A loss on frozen VGG activations at named layers, each with its own weight. (B,3,H,W) x2 sRGB in [0,1] -> ().
 
     `features` is a torchvision VGG ``features`` stack (build it with `from_pretrained`); only the
     layers up to the deepest tap are kept. The trunk is frozen and stays in eval mode. Its
     parameters are not part of `LossStack` checkpoints (they are reloaded from the weights file).
+    `layer_weights[i]` (default 1) belongs to `layers[i]`, whatever VGG's own order.
     """
 
     domain: ClassVar[str] = "srgb"
     frozen_backbone: ClassVar[bool] = True
+    who: ClassVar[str] = "vgg"
 
     def __init__(
         self,
@@ -183,10 +217,11 @@ class PerceptualLoss(LossTerm):
     ):
         super().__init__()
         if criterion not in ("l1", "l2"):
-            raise ConfigError(f"perceptual criterion must be 'l1' or 'l2', got {criterion!r}")
-        self.indices = resolve_layers(features, layers)
-        if layer_weights is not None and len(layer_weights) != len(self.indices):
-            raise ConfigError(f"perceptual: {len(layer_weights)} layer weights for {len(self.indices)} distinct layers {list(layers)}")
+            raise ConfigError(f"{self.who} criterion must be 'l1' or 'l2', got {criterion!r}")
+        self.layer_indices = layer_indices(features, layers)
+        self.indices = sorted(set(self.layer_indices))
+        if layer_weights is not None and len(layer_weights) != len(self.layer_indices):
+            raise ConfigError(f"{self.who}: {len(layer_weights)} layer weights for the {len(self.layer_indices)} layers {list(layers)}")
         self.layers = tuple(layers)
         self.criterion = criterion
         self.layer_weights = None if layer_weights is None else tuple(float(w) for w in layer_weights)
@@ -202,28 +237,71 @@ class PerceptualLoss(LossTerm):
         criterion: Literal["l1", "l2"] = "l1",
         layer_weights: Sequence[float] | None = None,
         allow_random: bool = False,
-    ) -> PerceptualLoss:
-        """Load the ImageNet `arch` ('vgg19' or 'vgg16') offline via rawrestore.pretrained. -> PerceptualLoss; WeightsError if missing."""
+    ):
+        """Load the ImageNet `arch` ('vgg19' or 'vgg16') offline via rawrestore.pretrained. -> the term; WeightsError if missing."""
         if arch not in ("vgg19", "vgg16"):
-            raise ConfigError(f"perceptual backbone must be 'vgg19' or 'vgg16', got {arch!r}")
-        features = pretrained.load_features(arch, weights_path, allow_random=allow_random)
+            raise ConfigError(f"{cls.who} backbone must be 'vgg19' or 'vgg16', got {arch!r}")
+        try:
+            features = pretrained.load_features(arch, weights_path, allow_random=allow_random)
+        except WeightsError as error:  # the message names the perceptual term's key; this term has its own
+            raise WeightsError(str(error).replace("loss.perceptual.weights", f"loss.{cls.who}.weights")) from None
         return cls(features, layers=layers, criterion=criterion, layer_weights=layer_weights)
 
     @classmethod
-    def from_config(cls, term: Any, context: BuildContext) -> PerceptualLoss:
-        return cls.from_pretrained(term.arch, term.weights, layers=term.layers, criterion=term.criterion,
-                                   layer_weights=term.layer_weights, allow_random=context.allow_random)
+    def from_config(cls, term: Any, context: BuildContext):
+        layers, layer_weights = term.tapped_layers()
+        return cls.from_pretrained(term.arch, term.weights, layers=layers, criterion=term.criterion,
+                                   layer_weights=layer_weights, allow_random=context.allow_random)
 
-    def train(self, mode: bool = True) -> PerceptualLoss:
+    def train(self, mode: bool = True):
         super().train(mode)
         self.features.eval()  # the backbone is a fixed measuring device
         return self
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return perceptual(pred, target, self.features, self.indices, self.criterion, self.layer_weights)
-
     def extra_repr(self) -> str:
-        return f"layers={list(self.layers)}, indices={self.indices}, criterion={self.criterion}"
+        weights = "" if self.layer_weights is None else f", layer_weights={list(self.layer_weights)}"
+        return f"layers={list(self.layers)}, indices={self.indices}, criterion={self.criterion}{weights}"
+
+
+class PerceptualLoss(_VGGFeatureTerm):
+    """VGG perceptual loss (see `perceptual`) on frozen VGG layers. (B,3,H,W), (B,3,H,W) sRGB in [0,1] -> ()."""
+
+    who: ClassVar[str] = "perceptual"
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return perceptual(pred, target, self.features, self.layer_indices, self.criterion, self.layer_weights)
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of activations, normalised by their size. features (B,C,H,W) -> (B,C,C) = F F^T / (C H W), F = (B,C,HW)."""
+    batch, channels, height, width = features.shape
+    flat = features.reshape(batch, channels, height * width)
+    return flat @ flat.transpose(1, 2) / (channels * height * width)
+
+
+def gram_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    features: nn.Sequential,
+    indices: Sequence[int],
+    criterion: Literal["l1", "l2"] = "l1",
+    layer_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Gram-matrix style loss. pred, target (B,3,H,W) sRGB in [0,1] -> () sum_l w_l * mean criterion(G(phi_l(pred)), G(phi_l(target))).
+
+    G is `gram_matrix` (channel correlations: texture and colour statistics without their
+    layout, Gatys et al. 2016). Layers, weights and inputs as in `perceptual`.
+    """
+    return _weighted_layer_sum(pred, target, features, indices, criterion, layer_weights, gram_matrix, "gram_loss")
+
+
+class GramLoss(_VGGFeatureTerm):
+    """Gram-matrix style loss (see `gram_loss`) on frozen VGG layers. (B,3,H,W), (B,3,H,W) sRGB in [0,1] -> ()."""
+
+    who: ClassVar[str] = "gram"
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return gram_loss(pred, target, self.features, self.layer_indices, self.criterion, self.layer_weights)
 
 
 def lpips_loss(pred: torch.Tensor, target: torch.Tensor, net: nn.Module) -> torch.Tensor:

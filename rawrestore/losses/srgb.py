@@ -7,6 +7,7 @@ every term. The network-based terms (VGG perceptual, LPIPS) live in `perceptual.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import pytorch_msssim
@@ -25,6 +26,11 @@ __all__ = [
     "laplacian",
     "laplacian_edge",
     "color_angle",
+    "sobel_magnitude",
+    "sobel_edge",
+    "gaussian_kernel",
+    "gaussian_blur",
+    "blur_color",
     "SSIM_WINDOW",
     "MS_SSIM_MIN_SIZE",
     "LAPLACIAN_KERNEL",
@@ -34,6 +40,8 @@ __all__ = [
     "MSSSIMLoss",
     "LaplacianEdgeLoss",
     "ColorAngleLoss",
+    "SobelEdgeLoss",
+    "BlurColorLoss",
 ]
 
 SSIM_WINDOW = 11  # Gaussian window (sigma 1.5) of Wang et al. 2004, as pytorch_msssim defaults
@@ -41,6 +49,7 @@ _MS_SSIM_LEVELS = 5
 # pytorch_msssim needs the smaller side > (window - 1) * 2^(levels - 1) for its four 2x poolings.
 MS_SSIM_MIN_SIZE = (SSIM_WINDOW - 1) * 2 ** (_MS_SSIM_LEVELS - 1) + 1
 LAPLACIAN_KERNEL = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+SOBEL_KERNEL = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))  # d/dx, as scipy.ndimage.sobel(axis=-1)
 # Squared norms below this count as a zero vector (sqrt moves by <= 1e-12).
 _TINY_SQUARE = 1e-24
 
@@ -136,6 +145,71 @@ def laplacian_edge(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (laplacian(pred) - laplacian(target)).abs().mean()
 
 
+def sobel_magnitude(image: torch.Tensor) -> torch.Tensor:
+    """Sobel gradient magnitude per channel, no padding. image (B,C,H,W) -> (B,C,H-2,W-2) sqrt(gx^2 + gy^2).
+
+    gx = [-1,0,1] across columns smoothed [1,2,1] down rows, gy its transpose: scipy.ndimage.sobel's
+    kernels. The magnitude has a zero (sub)gradient where both are 0.
+    """
+    channels = image.shape[1]
+    kernel_x = torch.tensor(SOBEL_KERNEL, dtype=image.dtype, device=image.device)
+    kernels = torch.stack([kernel_x, kernel_x.t()]).unsqueeze(1).repeat(channels, 1, 1, 1)  # (2C,1,3,3): gx, gy per channel
+    gradients = F.conv2d(image, kernels, groups=channels).unflatten(1, (channels, 2))
+    return _safe_sqrt((gradients * gradients).sum(dim=2))
+
+
+def sobel_edge(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.1, background: float = 0.0) -> torch.Tensor:
+    """Edge-masked Sobel loss. pred, target (B,3,H,W) sRGB -> () mean over the valid region of m * |S(pred) - S(target)|.
+
+    S is `sobel_magnitude` per channel; the mask m is 1 where the target's own magnitude exceeds
+    `threshold` (its edges) and `background` elsewhere, so flat regions (where noise lives) count
+    `background` times as much. The border, where padding would invent edges, is left out.
+    """
+    _check_renders(pred, target, "sobel_edge")
+    if min(pred.shape[-2:]) < 3:
+        raise InputError(f"sobel_edge: renders must be at least 3x3 pixels, got {tuple(pred.shape[-2:])}")
+    target_magnitude = sobel_magnitude(target)
+    mask = torch.where(target_magnitude.detach() > threshold, 1.0, float(background)).to(pred.dtype)
+    return (mask * (sobel_magnitude(pred) - target_magnitude).abs()).mean()
+
+
+def gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius round(4 sigma), as scipy.ndimage.gaussian_filter's. -> (2r+1,)."""
+    radius = int(4.0 * float(sigma) + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / float(sigma)) ** 2)
+    return (kernel / kernel.sum()).to(dtype=dtype, device=device)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur per channel, mirrored borders. image (B,C,H,W) -> (B,C,H,W) (scipy's mode='mirror')."""
+    channels = image.shape[1]
+    kernel = gaussian_kernel(sigma, image.dtype, image.device)
+    radius = kernel.numel() // 2
+    if min(image.shape[-2:]) <= radius:
+        raise InputError(f"gaussian_blur: sigma {sigma} needs images larger than {radius} pixels a side, "
+                         f"got {tuple(image.shape[-2:])}; use a larger crop or a smaller sigma")
+    rows = F.conv2d(F.pad(image, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1),
+                    groups=channels)
+    return F.conv2d(F.pad(rows, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1),
+                    groups=channels)
+
+
+def blur_color(pred: torch.Tensor, target: torch.Tensor, sigma: float = 3.0, criterion: str = "l2") -> torch.Tensor:
+    """Blurred colour loss (DPED's colour term). pred, target (B,3,H,W) sRGB -> () mean |G*pred - G*target| ('l1') or squared ('l2').
+
+    G is a Gaussian of `sigma` pixels (`gaussian_blur`): texture and noise are blurred away, colour
+    and brightness remain.
+    """
+    _check_renders(pred, target, "blur_color")
+    if criterion not in ("l1", "l2"):
+        raise InputError(f"blur_color: criterion must be 'l1' or 'l2', got {criterion!r}")
+    if not (math.isfinite(float(sigma)) and sigma > 0):
+        raise InputError(f"blur_color: sigma must be a positive number of pixels, got {sigma!r}")
+    difference = gaussian_blur(pred, sigma) - gaussian_blur(target, sigma)
+    return difference.abs().mean() if criterion == "l1" else (difference * difference).mean()
+
+
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt with a zero gradient at 0. x (...) >= 0 -> (...); values below 1e-24 give 0."""
     positive = x > _TINY_SQUARE
@@ -226,3 +300,45 @@ class ColorAngleLoss(LossTerm):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return color_angle(pred, target)
+
+
+class _OptionsTerm(LossTerm):
+    """An sRGB term that is `function(pred, target, **options)`, its options read from the config entry by name."""
+
+    domain: ClassVar[str] = "srgb"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    @staticmethod
+    def function(pred: torch.Tensor, target: torch.Tensor, **options: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, term: Any, context: BuildContext) -> _OptionsTerm:
+        return cls(**{name: getattr(term, name) for name in cls.defaults})
+
+    def __init__(self, **options: Any):
+        super().__init__()
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise InputError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(self.defaults)}")
+        self.options = {**self.defaults, **options}
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.function(pred, target, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value}" for name, value in self.options.items())
+
+
+class SobelEdgeLoss(_OptionsTerm):
+    """Module form of `sobel_edge` with its edge `threshold` and `background` weight. (B,3,H,W) x2 -> ()."""
+
+    defaults: ClassVar[dict[str, Any]] = {"threshold": 0.1, "background": 0.0}
+    function = staticmethod(sobel_edge)
+
+
+class BlurColorLoss(_OptionsTerm):
+    """Module form of `blur_color` with its `sigma` and `criterion`. (B,3,H,W) x2 -> ()."""
+
+    defaults: ClassVar[dict[str, Any]] = {"sigma": 3.0, "criterion": "l2"}
+    function = staticmethod(blur_color)

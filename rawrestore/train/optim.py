@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["set_determinism", "resolve_amp", "cpu_flags", "lr_factor", "build_optimizer", "ModelEMA", "AUTOCAST_DTYPES"]
+__all__ = ["set_determinism", "resolve_amp", "cpu_flags", "lr_factor", "onecycle_factor", "build_optimizer", "ModelEMA", "AUTOCAST_DTYPES"]
 
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -51,7 +51,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 def set_determinism(deterministic: bool, device: torch.device) -> None:
     """train.deterministic: deterministic kernels everywhere (cuDNN, cuBLAS workspace), no cuDNN autotuning.
 
-    Off: cuDNN picks the fastest convolution per shape on CUDA (crops have one shape per run).
+    Off: cuDNN picks the fastest convolution per shape on CUDA (`cudnn.benchmark`): training crops have
+    one shape per run (data.crop_size), so the search is paid once. On: no search, deterministic kernels.
     """
     if not deterministic:
         torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -62,8 +63,23 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
     torch.use_deterministic_algorithms(True)
 
 
+def onecycle_factor(step: int, iterations: int, pct_start: float, div_factor: float, final_div_factor: float) -> float:
+    """torch's OneCycleLR (cosine, two phases) at `step` over max_lr; steps past the run keep the last value."""
+    step = min(step, iterations - 1)
+    initial = 1.0 / div_factor
+    peak_step = float(pct_start * iterations) - 1  # where OneCycleLR's first phase ends
+    if step <= peak_step:
+        progress, start, end = step / peak_step, initial, 1.0
+    else:
+        progress, start, end = (step - peak_step) / (iterations - 1 - peak_step), 1.0, initial / final_div_factor
+    return end + (start - end) / 2.0 * (math.cos(math.pi * progress) + 1)
+
+
 def lr_factor(step: int, cfg_train: Any) -> float:
-    """Multiplier of train.lr for optimiser step `step` (0-based): linear warmup, then cosine to 0 or SID steps."""
+    """Multiplier of train.lr for optimiser step `step` (0-based): linear warmup, then cosine to 0, SID steps or OneCycle."""
+    if cfg_train.schedule == "onecycle":
+        return onecycle_factor(step, cfg_train.iterations, cfg_train.onecycle_pct_start, cfg_train.onecycle_div_factor,
+                               cfg_train.onecycle_final_div_factor)
     warmup = cfg_train.warmup_iters
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
