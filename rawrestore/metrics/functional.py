@@ -125,7 +125,7 @@ def delta_e00(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean CIEDE2000 over pixels. pred, target (B,3,H,W) sRGB in [0,1] -> (B,) float64 dE00.
 
     On the CPU without gradients: the compiled per-pixel kernel (`metrics.ciede2000`, float64
-    inside, ~10x colour-science); otherwise the differentiable `isp.color` path in the inputs' dtype.
+    inside, 3.7x colour-science on a 1 MP pair here); otherwise the differentiable `isp.color` path in the inputs' dtype.
     """
     _check_pair(pred, target, "delta_e00", channels=3)
     needs_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
