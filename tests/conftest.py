@@ -23,7 +23,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def tiny_yaml(folder: Path, data_root: Path, name: str = "tiny.yaml", output: str = "run", seed: int = 3,
-              **train: object) -> Path:
+              eval_keys: str = "tile: 0, overlap: 0", **train: object) -> Path:
     """A tiny experiment in `folder`/`name`: width-4 U-Net, 64-pixel crops, RAW-L1, on the CPU; `train` overrides TINY_TRAIN."""
     keys = {**TINY_TRAIN, **train}
     train_text = ", ".join(f"{key}: {value}" for key, value in keys.items())
@@ -35,7 +35,7 @@ base:
 data: {{root: {data_root}, crop_size: 64, num_workers: 0, cache_dir: {data_root}/.cache}}
 model: {{width: 4}}
 train: {{{train_text}}}
-eval: {{tile: 0, overlap: 0}}
+eval: {{{eval_keys}}}
 output_dir: {folder}/{output}
 device: cpu
 seed: {seed}

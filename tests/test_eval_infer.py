@@ -21,6 +21,7 @@ from rawrestore.metrics import functional
 from rawrestore.physics.align import align_exposure
 from rawrestore.tiling import blend_window, tile_starts, tiled_apply
 from rawrestore.train.trainer import Trainer
+from tests.conftest import tiny_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = {"all", "x100", "x250", "x300"}
@@ -28,27 +29,13 @@ METRICS = {"psnr", "ssim", "lpips", "delta_e00", "n"}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(config, checkpoint, data root): 3 synthetic scenes of 128 px and a width-4 U-Net trained 3 steps with EMA."""
-    from rawrestore.data.synth import generate
-
+def trained(tmp_path_factory, data_root) -> tuple[Path, Path, Path]:
+    """(config, checkpoint, data root): the shared synthetic set and a width-4 U-Net trained 3 steps with EMA."""
     folder = tmp_path_factory.mktemp("evalrun")
-    root = generate(folder / "synthetic", "sony", scenes=3, seed=0, size=128, progress=False)
-    config = folder / "tiny.yaml"
-    config.write_text(f"""
-base:
-  - {REPO}/configs/data/synthetic.yaml
-  - {REPO}/configs/model/unet.yaml
-  - {REPO}/configs/losses/raw_l1.yaml
-data: {{root: {root}, crop_size: 64, num_workers: 0, cache_dir: {root}/.cache}}
-model: {{width: 4}}
-train: {{iterations: 3, batch_size: 2, lr: 1.0e-3, val_every: 0, ckpt_every: 0, ema: 0.5}}
-eval: {{split: test, tile: 0, overlap: 0, classical: wavelet}}
-output_dir: {folder}/run
-device: cpu
-""", encoding="utf-8")
+    config = tiny_yaml(folder, data_root, eval_keys="split: test, tile: 0, overlap: 0, classical: wavelet", iterations=3,
+                       warmup_iters=0, val_every=0, ckpt_every=0, ema=0.5)
     Trainer(load_config(config), log=lambda _: None, progress=False).fit()
-    return config, folder / "run/checkpoints/last.pt", root
+    return config, folder / "run/checkpoints/last.pt", data_root
 
 
 def read_csv(path: Path, method: str | None = None) -> list[dict[str, str]]:

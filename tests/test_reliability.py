@@ -26,40 +26,16 @@ from rawrestore.data.cache import DecodeCache
 from rawrestore.data.manifest import read_sid_list, write_manifest
 from rawrestore.train import checkpoint as ckpt
 from rawrestore.train.runlog import read_log
+from tests.conftest import tiny_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = "Sony/short/00001_00_0.04s.dng"  # a training pair of the synthetic set
 LONG = "Sony/long/00001_00_10s.dng"
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """Three synthetic Sony scenes of 128x128 (one per split, three exposures each), decoded into a cache once."""
-    from rawrestore.data.synth import generate
-
-    root = tmp_path_factory.mktemp("sid") / "synthetic"
-    generate(root, "sony", scenes=3, seed=0, size=128, progress=False)
-    return root
-
-
 def write_config(folder: Path, data_root: Path) -> Path:
-    """A tiny experiment: width-4 U-Net, 64-pixel crops, batch 1, RAW-L1, 2 iterations, no validation, on the CPU."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tiny.yaml"
-    path.write_text(f"""
-base:
-  - {REPO}/configs/data/synthetic.yaml
-  - {REPO}/configs/model/unet.yaml
-  - {REPO}/configs/losses/raw_l1.yaml
-data: {{root: {data_root}, crop_size: 64, num_workers: 0, cache_dir: {data_root}/.cache}}
-model: {{width: 4}}
-train: {{iterations: 2, batch_size: 1, lr: 1.0e-3, val_every: 0, ckpt_every: 0, log_every: 1}}
-eval: {{tile: 0, overlap: 0}}
-output_dir: {folder}/run
-device: cpu
-seed: 3
-""", encoding="utf-8")
-    return path
+    """The shared tiny experiment (conftest), as 2 iterations of batch 1 without validation or checkpoints."""
+    return tiny_yaml(folder, data_root, iterations=2, batch_size=1, warmup_iters=0, val_every=0, ckpt_every=0)
 
 
 def one_line_error(capfd, code: int, alone: bool = True) -> str:

@@ -28,7 +28,6 @@ from tests.test_reliability import (  # noqa: F401 (fixtures)
     LONG,
     SHORT,
     checkpoint,
-    data_root,
     one_line_error,
     one_pair_root,
     train,
