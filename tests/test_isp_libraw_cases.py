@@ -1,4 +1,6 @@
 """Files with missing or unusual metadata render as rawpy renders them (LibRaw's own rules), and the real camera files."""
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,17 @@ BLACK = [512, 530, 505, 521]  # per site, all different: a site/colour mix-up sh
 def rawpy_render(path, **overrides) -> np.ndarray:
     with rawpy.imread(str(path)) as raw:
         return raw.postprocess(**{**REFERENCE, **overrides}).astype(np.float64) / 65535.0
+
+
+def _half_size_in_fresh_process(path, folder) -> np.ndarray:
+    """rawpy_render(path, half_size=True) in a new Python process (LibRaw starts from another heap)."""
+    out = Path(folder) / "half_ref.npy"
+    script = ("import sys, numpy as np, rawpy; sys.path.insert(0, sys.argv[3]);"
+              "from tests.test_isp_libraw_cases import rawpy_render;"
+              "np.save(sys.argv[2], rawpy_render(sys.argv[1], half_size=True))")
+    subprocess.run([sys.executable, "-c", script, str(path), str(out), str(Path(__file__).resolve().parents[1])],
+                   check=True, capture_output=True)
+    return np.load(out)
 
 
 def interior_psnr(ours, ref, border=4):
@@ -137,13 +150,13 @@ def test_half_size_matches_rawpy(tmp_path, cfa, size):
     ref = rawpy_render(path, half_size=True)
     assert ours.shape == ref.shape == ((size[0] + 1) // 2, (size[1] + 1) // 2, 3)
     best = interior_psnr(ours, ref, border=2)
-    # LibRaw's half-size X-Trans fill reads its image buffer before writing all of it: run to run it
-    # sees leftover heap values (measured 44-72 dB against us) or zeros (108 dB). Ours is LibRaw's
-    # result on a zeroed buffer, so one of a few renders must match it.
-    for _ in range(40 if len(cfa) == 6 else 0):
+    # LibRaw's half-size X-Trans fill reads part of its image buffer before writing it: what it finds
+    # there depends on the process (measured 35-72 dB against us) or is zero (108 dB). Ours is LibRaw's
+    # result on a zeroed buffer, which about one fresh process in three reproduces.
+    for _ in range(30 if len(cfa) == 6 else 0):
         if best >= 60:
             break
-        best = max(best, interior_psnr(ours, rawpy_render(path, half_size=True), border=2))
+        best = max(best, interior_psnr(ours, _half_size_in_fresh_process(path, tmp_path), border=2))
     assert best >= 60
 
 
