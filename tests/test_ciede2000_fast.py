@@ -60,3 +60,42 @@ def test_sharma_pairs_through_the_kernel():
     got = torch.from_numpy(np.stack([ciede2000.mean_delta_e00(srgb(lab1)[..., i:i + 1, :].numpy(),
                                                               srgb(lab2)[..., i:i + 1, :].numpy())[0] for i in range(3)]))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_per_pixel_values_on_hard_hue_cases():
+    """Per pixel (one-pixel images) against the torch path: random pairs, greys, equal hues, near-opposite hues.
+
+    The kernel takes cos/sin of the hue difference and of the mean hue from the hue vectors, not
+    from trigonometric calls; these cases sit on the branches of the mean-hue rule.
+    """
+    from isp.color import lab_to_xyz, linear_to_srgb, xyz_to_linear_srgb
+
+    generator = torch.Generator().manual_seed(3)
+    count = 600
+    L = 20 + 60 * torch.rand(count, 2, generator=generator, dtype=torch.float64)
+    chroma = 25 * torch.rand(count, 2, generator=generator, dtype=torch.float64)
+    hue = 2 * torch.pi * torch.rand(count, generator=generator, dtype=torch.float64)
+    offset = torch.cat([torch.pi + 1e-3 * torch.randn(200, generator=generator, dtype=torch.float64),  # ~opposite
+                        1e-4 * torch.randn(200, generator=generator, dtype=torch.float64),  # ~same hue
+                        2 * torch.pi * torch.rand(200, generator=generator, dtype=torch.float64)])
+    hues = torch.stack([hue, hue + offset], dim=1)
+    L[:400, 1] = L[:400, 0] + 0.01 * torch.randn(400, generator=generator, dtype=torch.float64)  # close pairs
+    chroma[:400, 1] = chroma[:400, 0] * (1 + 1e-3 * torch.randn(400, generator=generator, dtype=torch.float64))
+    chroma[:50, 0] = 0.0  # one grey
+    chroma[50:60] = 0.0  # both grey
+    lab = torch.stack([L, chroma * hues.cos(), chroma * hues.sin()], dim=-1)  # (count, 2, 3)
+    srgb = linear_to_srgb(xyz_to_linear_srgb(lab_to_xyz(lab.permute(1, 2, 0).reshape(2, 3, count, 1)))).clamp(0, 1)
+    pred = srgb[0].permute(1, 0, 2).reshape(count, 3, 1, 1)
+    target = srgb[1].permute(1, 0, 2).reshape(count, 3, 1, 1)
+    expected = delta_e2000(srgb_to_lab(pred), srgb_to_lab(target)).flatten()
+    got = torch.from_numpy(ciede2000.mean_delta_e00(pred.numpy(), target.numpy()))
+    assert expected.min() < 1e-3 and expected.max() > 10  # the set spans tiny to large differences
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_mean_does_not_depend_on_chunking(monkeypatch):
+    pred, target = _pair(4, shape=(2, 3, 61, 67))
+    whole = ciede2000.mean_delta_e00(pred.numpy(), target.numpy())
+    monkeypatch.setattr(ciede2000, "CHUNK", 97)  # many chunks, run on the thread pool, uneven last chunk
+    chunked = ciede2000.mean_delta_e00(pred.numpy(), target.numpy())
+    np.testing.assert_allclose(chunked, whole, rtol=1e-13)
