@@ -120,10 +120,6 @@ def unpack_xtrans(packed: torch.Tensor) -> torch.Tensor:
     return F.pixel_shuffle(sites[:, _XTRANS_INVERSE.to(packed.device)], 6)
 
 
-def packed_channels(period: int) -> int:
-    return 4 if period == 2 else 9
-
-
 def pack(mosaic: torch.Tensor, cfa) -> torch.Tensor:
     """Pack any supported CFA: Bayer -> 4 channels, X-Trans -> 9. mosaic (B,1,H,W)."""
     period = torch.as_tensor(cfa).shape[-1]

@@ -27,12 +27,12 @@ def render(
     demosaic: str = "bilinear",
     gamma: str = "srgb",
     packed: bool = False,
-    libraw_wb: bool = True,
 ) -> torch.Tensor:
     """Render normalised RAW to sRGB. raw (B,1,H,W) mosaic or packed (B,4|9,h,w) in [0,1] -> (B,3,H',W') in [0,1].
 
     Order (LibRaw's): white balance, clip to [0,1], demosaic, colour matrix, clip, curve.
-    With `libraw_wb` the gains are scaled so the smallest is 1, as LibRaw does.
+    The gains are scaled so the smallest is 1, as LibRaw does (`ops.libraw_wb_scale`).
+    `cfa` is planning metadata, best kept on the host: a device tensor is read back once.
     Gradients are finite everywhere; at and beyond a clip point see `isp.ops` (clamp semantics).
     """
     batch = raw.shape[0]
@@ -40,7 +40,7 @@ def render(
     if sites is not None:
         # Same values as the generic path below, computed on the four packed Bayer sites.
         cfa = as_batched_cfa(cfa, batch, raw.device)
-        site_gains = torch.gather(_render_gains(wb, batch, raw, libraw_wb), 1, cfa.flatten(1))[..., None, None]
+        site_gains = torch.gather(_render_gains(wb, batch, raw), 1, cfa.flatten(1))[..., None, None]
         balanced = torch.clamp(sites * site_gains, 0.0, 1.0)
         rgb = F.pixel_shuffle(fast.demosaic_bayer_sites(balanced, cfa[0]), 2)
     else:
@@ -49,7 +49,7 @@ def render(
         if raw.ndim != 4 or raw.shape[1] != 1:
             raise InputError(f"render needs a (B,1,H,W) mosaic or packed=True, got {tuple(raw.shape)}")
         cfa = as_batched_cfa(cfa, batch, raw.device)
-        balanced = torch.clamp(ops.white_balance(raw, cfa, _render_gains(wb, batch, raw, libraw_wb)), 0.0, 1.0)
+        balanced = torch.clamp(ops.white_balance(raw, cfa, _render_gains(wb, batch, raw)), 0.0, 1.0)
         rgb = ops.demosaic(balanced, cfa, demosaic)
     srgb_linear = torch.clamp(ops.apply_matrix(rgb, cam_to_srgb), 0.0, 1.0)
     return ops.apply_curve(srgb_linear, gamma)
@@ -71,25 +71,25 @@ def _shared_bayer_sites(raw: torch.Tensor, cfa, packed: bool) -> torch.Tensor | 
     return F.pixel_unshuffle(raw, 2)
 
 
-def _render_gains(wb, batch: int, like: torch.Tensor, libraw_wb: bool) -> torch.Tensor:
+def _render_gains(wb, batch: int, like: torch.Tensor) -> torch.Tensor:
     gains = torch.as_tensor(wb, dtype=like.dtype, device=like.device)
     gains = gains.expand(batch, 3) if gains.ndim == 1 else gains
-    return ops.libraw_wb_scale(gains) if libraw_wb else gains
+    return ops.libraw_wb_scale(gains)
 
 
 class ISP(nn.Module):
     """Batched differentiable ISP (see `render`). No learnable parameters; any device."""
 
-    def __init__(self, demosaic: str = "bilinear", gamma: str = "srgb", libraw_wb: bool = True):
+    def __init__(self, demosaic: str = "bilinear", gamma: str = "srgb"):
         super().__init__()
         if demosaic not in DEMOSAICS:
             raise InputError(f"unknown demosaic '{demosaic}'; use one of {DEMOSAICS}")
         if gamma not in GAMMAS:
             raise InputError(f"unknown gamma '{gamma}'; use one of {GAMMAS}")
-        self.demosaic, self.gamma, self.libraw_wb = demosaic, gamma, libraw_wb
+        self.demosaic, self.gamma = demosaic, gamma
 
     def forward(self, raw: torch.Tensor, cfa, wb, cam_to_srgb, packed: bool = False) -> torch.Tensor:
-        return render(raw, cfa, wb, cam_to_srgb, demosaic=self.demosaic, gamma=self.gamma, packed=packed, libraw_wb=self.libraw_wb)
+        return render(raw, cfa, wb, cam_to_srgb, demosaic=self.demosaic, gamma=self.gamma, packed=packed)
 
     def extra_repr(self) -> str:
         return f"demosaic={self.demosaic}, gamma={self.gamma}"

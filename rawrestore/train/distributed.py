@@ -96,8 +96,10 @@ def shutdown() -> None:
     Objects that hold the group (a DDP reducer) must be gone first: the collection below frees
     those only reachable through reference cycles, so none is destroyed after the group at exit.
     """
+    global _host_group
     if dist.is_available() and dist.is_initialized():
         gc.collect()
+        _host_group = None  # destroyed with the default group below
         dist.destroy_process_group()
 
 
@@ -107,19 +109,31 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _flag_device() -> torch.device:
-    """The device collective tensors must live on: the current GPU for NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+_host_group: Any = None
+
+
+def _host_flag_group() -> Any:
+    """A gloo group over the same ranks for host flags (None: the default group is gloo already).
+
+    Under NCCL a flag all-reduce would run on the GPU and its `.item()` would wait for the whole
+    step's queued work; on a gloo group the flag stays on the host, so the per-step stop check
+    costs a tiny CPU collective and no device sync. Created on first use (every rank reaches
+    `any_flag` at the same point, as `new_group` requires).
+    """
+    global _host_group
+    if dist.get_backend() == "gloo":
+        return None
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    return _host_group
 
 
 def any_flag(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any rank (one tiny all-reduce)."""
+    """True on every rank when `flag` is true on any rank: one tiny all-reduce on the host, no device sync."""
     if not is_distributed():
         return bool(flag)
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_flag_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_flag_group())
     return bool(value.item())
 
 
