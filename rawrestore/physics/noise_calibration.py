@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -50,6 +51,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from rawrestore.errors import DataError, InputError
+
+_log = logging.getLogger("rawrestore.physics")
 
 __all__ = [
     "COLOUR_SLOTS", "colour_slots", "DarkAccumulator", "FlatAccumulator", "IsoCalibration", "Calibration",
@@ -523,7 +526,7 @@ def calibrate_frames(darks: Iterable[Frame], flats: Iterable[Frame], sample_size
         ))
     unpaired = sorted(str(f.path) for f in pending.values())
     if unpaired:
-        print(f"calibrate-noise: {len(unpaired)} flat frame(s) without a partner left out, e.g. {unpaired[0]}", file=sys.stderr)
+        _log.warning("calibrate-noise: %d flat frame(s) without a partner left out, e.g. %s", len(unpaired), unpaired[0])
     return Calibration(results, ref.make, ref.model, ref.cfa, ref.width, ref.height, ref.black_level, float(ref.white_level))
 
 
