@@ -120,6 +120,27 @@ def unpack_xtrans(packed: torch.Tensor) -> torch.Tensor:
     return F.pixel_shuffle(sites[:, _XTRANS_INVERSE.to(packed.device)], 6)
 
 
+def downsample_packed(packed: torch.Tensor, levels: int) -> torch.Tensor:
+    """Exact 2**levels x 2**levels block mean of packed RAW. (B,C,h,w) -> (B,C,h >> levels,w >> levels).
+
+    Every packed plane holds one colour (Bayer: one CFA site; SID's X-Trans: one colour), so the
+    mean never mixes colours: it is the packed RAW of a sensor with 2**levels times coarser
+    sites. Sides that are not multiples of 2**levels lose their last rows/columns (crop, not
+    ceil: a partial block would average fewer sites than the others). levels 0 -> `packed` itself.
+    """
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 0:
+        raise InputError(f"downsample_packed: levels must be an integer >= 0, got {levels!r}")
+    if not isinstance(packed, torch.Tensor) or packed.ndim != 4:
+        raise InputError(f"downsample_packed: packed RAW must be a (B,C,h,w) tensor, got {tuple(getattr(packed, 'shape', ()))}")
+    if levels == 0:
+        return packed
+    block = 2**levels
+    height, width = packed.shape[-2] // block, packed.shape[-1] // block
+    if height == 0 or width == 0:
+        raise InputError(f"downsample_packed: {tuple(packed.shape[-2:])} packed RAW is smaller than one {block}x{block} block")
+    return F.avg_pool2d(packed[..., : height * block, : width * block], block)
+
+
 def pack(mosaic: torch.Tensor, cfa) -> torch.Tensor:
     """Pack any supported CFA: Bayer -> 4 channels, X-Trans -> 9. mosaic (B,1,H,W)."""
     period = torch.as_tensor(cfa).shape[-1]

@@ -12,13 +12,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cfa import as_batched_cfa, colour_masks, pack, pack_bayer, pack_xtrans, tile_sites, unpack, unpack_bayer, unpack_xtrans
+from .cfa import (
+    as_batched_cfa, colour_masks, downsample_packed, pack, pack_bayer, pack_xtrans, tile_sites, unpack, unpack_bayer,
+    unpack_xtrans,
+)
 from .errors import InputError
 
 __all__ = [
     "normalize", "denormalize", "white_balance", "libraw_wb_scale", "demosaic_bilinear", "demosaic_half", "demosaic_malvar",
     "demosaic", "apply_matrix", "apply_curve", "inverse_curve", "mosaic", "pack", "unpack", "pack_bayer",
-    "unpack_bayer", "pack_xtrans", "unpack_xtrans", "libraw_gamma_params",
+    "unpack_bayer", "pack_xtrans", "unpack_xtrans", "downsample_packed", "libraw_gamma_params",
 ]
 
 

@@ -138,9 +138,12 @@ class ModelConfig:
     nafnet_blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 28])  # encoder, per level
     nafnet_middle_blocks: int = 1
     nafnet_dec_blocks: list[int] | None = None  # None: one block per level
+    # RAW-loss weight of the output at 1/2**i of the packed resolution; [1.0]: one output, [1.0, 0.5]: dual output
+    scales: list[float] = field(default_factory=lambda: [1.0])
 
     def validate(self, key: str = "model") -> None:
-        """Check values: a registered network, positive width, block lists of matching length and non-negative counts."""
+        """Check values: a registered network, positive width, block lists of matching length and non-negative counts,
+        scale weights > 0, no more of them than the network has decoder levels."""
         from rawrestore.models import MODELS  # the registry, not a copy of its names
 
         names = ", ".join(repr(name) for name in MODELS)
@@ -161,6 +164,11 @@ class ModelConfig:
                      self.nafnet_dec_blocks)
             _require(all(n >= 0 for n in self.nafnet_dec_blocks), f"{key}.nafnet_dec_blocks",
                      "must hold counts >= 0", self.nafnet_dec_blocks)
+        _require(len(self.scales) >= 1 and all(math.isfinite(w) and w > 0 for w in self.scales), f"{key}.scales",
+                 "must list finite weights > 0, the first for the full resolution", self.scales)
+        levels = MODELS[self.name].max_scales(self)
+        _require(len(self.scales) <= levels, f"{key}.scales",
+                 f"may have at most {levels} entries for {self.name} (one per decoder level)", self.scales)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -553,6 +561,13 @@ class ExperimentConfig:
                  self.device)
         _require(self.seed >= 0, f"{prefix}seed", "must be >= 0", self.seed)
         self._check_ms_ssim_crop(prefix)
+        _require(len(self.model.scales) == 1 or self.data.packed, f"{prefix}model.scales",
+                 "needs data.packed: true (the coarse targets are block means of the packed colour planes)",
+                 self.model.scales)
+        packed_side = self.data.crop_size // (2 if self.data.cfa_period == 2 else 3)
+        _require(packed_side >> (len(self.model.scales) - 1) >= 1, f"{prefix}model.scales",
+                 f"has a coarsest output below one pixel for data.crop_size {self.data.crop_size}; use fewer entries",
+                 self.model.scales)
 
     def _check_ms_ssim_crop(self, prefix: str) -> None:
         """Five-scale MS-SSIM needs renders of 161 px a side: check the training crop now, not at step 0."""

@@ -1,7 +1,8 @@
 """LossStack: one training step's loss, built from a LossConfig, data flowing one way.
 
-    prediction (packed or mosaic)
-      -> RAW terms vs the target (raw_l1, charbonnier, robust), in the domain given
+    prediction (packed or mosaic; with model.scales also its coarser packed outputs)
+      -> RAW terms vs the target (raw_l1, charbonnier, robust), in the domain given; each coarse
+         output vs the target block-averaged to its size (`isp.cfa.downsample_packed`), weighted by its scale
       -> crosstalk consistency on the full-resolution mosaic vs the aligned dark input
       -> render prediction AND target to sRGB once each with one `isp.ISP`
       -> every sRGB term on those two renders (perceptual, lpips, delta_e00, ssim, ms_ssim, edge, color_angle;
@@ -15,13 +16,14 @@ so missing weights fail before any training step (see `LossStack`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from isp.cfa import unpack
+from isp.cfa import downsample_packed, unpack
 from isp.pipeline import ISP
 from rawrestore.config.schema import LossConfig
 from rawrestore.errors import ConfigError, InputError, WeightsError
@@ -58,6 +60,13 @@ class LossStack(nn.Module):
     `cfa` (P,P) or (B,P,P), `wb` (3,) or (B,3), `cam_to_srgb` (3,3) or (B,3,3) and optionally
     `packed` (bool or a (B,) bool tensor; inferred from pred's channels, 1 = mosaic, if absent).
 
+    Multi-scale supervision (`model.scales`). Built with `scales=(w0, w1, ...)` (more than one),
+    the stack takes `pred` as the sequence of the model's outputs (full, 1/2, ..., packed only),
+    output i the shape of `downsample_packed(target, i)`. Every "raw"-domain term then runs at each
+    scale against that exact block mean of the packed target, and the value the weighting sees is
+    `sum_i w_i * term_i`; the "mosaic" and "srgb" terms see the full-resolution output only.
+    `scales=(1.0,)` (the default) is the single-output stack, unchanged.
+
     Building. Every active term is built by its registry entry, `LOSSES[name].from_config(
     config.<name>, context)`, and run on the inputs its `domain` names (`losses.term`).
     `total_steps` is the run length the schedules refer to; `cfa_period` (2 or 6) goes to the
@@ -68,8 +77,10 @@ class LossStack(nn.Module):
     only, not a config key) builds random backbones and logs a loud line.
 
     Output. `values[name]` is each active term's raw value, a detached () tensor on the
-    device: nothing is read back to the host. `report(values, step)` turns them into floats
-    (one transfer) with each term's effective weight as `name + "/weight"` and the `"total"`.
+    device: nothing is read back to the host. With more than one scale a RAW term's `values[name]`
+    is that weighted sum and `values[name@1]`, `values[name@1/2]`, ... (`stack.scale_names`) its
+    unweighted value at each scale. `report(values, step)` turns them into floats (one transfer)
+    with each term's effective weight as `name + "/weight"` and the `"total"`.
     Under fixed weighting a term whose scheduled weight is 0 this step is evaluated without a
     graph, for the values only.
 
@@ -81,7 +92,7 @@ class LossStack(nn.Module):
     """
 
     def __init__(self, config: LossConfig, total_steps: int, cfa_period: int | None = None,
-                 allow_random_backbones: bool = False):
+                 allow_random_backbones: bool = False, scales: Sequence[float] = (1.0,)):
         super().__init__()
         if not isinstance(config, LossConfig):
             raise ConfigError(f"LossStack needs a LossConfig, got {type(config).__name__}")
@@ -90,6 +101,11 @@ class LossStack(nn.Module):
             raise ConfigError(f"LossStack: total_steps must be an integer >= 1, got {total_steps!r}")
         if cfa_period not in (None, 2, 6):
             raise ConfigError(f"LossStack: cfa_period must be 2 (Bayer), 6 (X-Trans) or None, got {cfa_period!r}")
+        if (isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or not scales
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                           for w in scales)):
+            raise ConfigError(f"LossStack: scales must list finite weights > 0 (model.scales), got {scales!r}")
+        self.scales = tuple(float(w) for w in scales)
         active = config.active_terms()
         unknown = [name for name in active if name not in LOSSES]
         if unknown:
@@ -136,6 +152,15 @@ class LossStack(nn.Module):
             raise ConfigError("loss: every active term was left out for missing pretrained weights; turn on another term")
         self.terms = nn.ModuleDict({name: built[name] for name in self.term_names})
         self.domains = {name: LOSSES[name].domain for name in self.term_names}
+        multi = len(self.scales) > 1
+        self.scale_labels = tuple("1" if i == 0 else f"1/{2**i}" for i in range(len(self.scales)))
+        # value name -> its term, in log order: each term, then its per-scale values (RAW terms, several scales)
+        self.value_names: tuple[str, ...] = tuple(
+            value
+            for name in self.term_names
+            for value in (name, *(f"{name}@{label}" for label in self.scale_labels if multi and self.domains[name] == "raw"))
+        )
+        self.scale_names = tuple(name for name in self.value_names if "@" in name)
 
         kept = {name: active[name] for name in self.term_names}
         if config.weighting == "fixed":
@@ -166,52 +191,66 @@ class LossStack(nn.Module):
         return {name: float(weight) for name, weight in self.weighting.effective_weights(step).items()}
 
     def report(self, values: Mapping[str, torch.Tensor], step: int, total: torch.Tensor | None = None) -> dict[str, float]:
-        """Floats for a log: each term's value and `name/weight`, and `total` (recomputed when not given); one transfer."""
-        tensors = [values[name].reshape(()).double() for name in self.term_names]
+        """Floats for a log: each term's value and `name/weight`, the per-scale values, and `total` (recomputed when
+        not given); one transfer."""
+        tensors = [values[name].reshape(()).double() for name in self.value_names]
         if total is not None:
             tensors.append(total.detach().reshape(()).double())
         numbers = torch.stack(tensors).tolist()
         weights = self.weights_now(step)
         out: dict[str, float] = {}
-        for index, name in enumerate(self.term_names):
+        for index, name in enumerate(self.value_names):
             out[name] = numbers[index]
-            out[f"{name}/weight"] = weights[name]
+            if name in weights:
+                out[f"{name}/weight"] = weights[name]
         out["total"] = numbers[-1] if total is not None else sum(weights[n] * out[n] for n in self.term_names)
         return out
 
-    def forward(self, pred: torch.Tensor, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, pred: torch.Tensor | Sequence[torch.Tensor], batch: Mapping[str, Any],
+                step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         missing = [key for key in BATCH_KEYS if key not in batch]
         if missing:
             raise InputError(f"loss batch lacks {missing}; it needs {list(BATCH_KEYS)} (+ optional 'packed')")
+        outputs = tuple(pred) if isinstance(pred, (tuple, list)) else (pred,)
+        if len(outputs) != len(self.scales):
+            raise InputError(f"the model gave {len(outputs)} output(s) but the loss has {len(self.scales)} scale(s) "
+                             f"(model.scales {list(self.scales)}); build both from one config")
+        pred = outputs[0]
         target, cfa = batch["target"], batch["cfa"]
         if not isinstance(pred, torch.Tensor) or pred.ndim != 4 or pred.shape != target.shape:
             raise InputError(
                 f"prediction {tuple(getattr(pred, 'shape', ()))} and target {tuple(getattr(target, 'shape', ()))} must be equal (B,C,H,W)"
             )
         packed = _packed_flag(batch, pred)
+        targets = self._scale_targets(outputs, target, packed)
         self.renders_last_step = 0
         learnable = getattr(self.weighting, "learnable", False)
         weights = None if learnable else self.weighting.effective_weights(step)  # host numbers: fixed schedules only
         values: dict[str, torch.Tensor] = {}
 
-        def run(name: str, *args: Any, **kwargs: Any) -> None:
+        def run(name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
             module = self.terms[name]
             with torch.set_grad_enabled(torch.is_grad_enabled() and (learnable or weights[name] > 0)):
                 if self.backbone_dtype is not None and module.frozen_backbone:
                     with torch.autocast(pred.device.type, dtype=self.backbone_dtype):
-                        values[name] = module(*args, **kwargs).float()
-                else:
-                    values[name] = module(*args, **kwargs)
+                        return module(*args, **kwargs).float()
+                return module(*args, **kwargs)
 
         by_domain = {domain: [n for n in self.term_names if self.domains[n] == domain] for domain in DOMAINS}
         for name in by_domain["raw"]:
-            run(name, pred, target)
+            if len(outputs) == 1:
+                values[name] = run(name, pred, target)
+                continue
+            per_scale = [run(name, output, reference) for output, reference in zip(outputs, targets)]
+            for label, value in zip(self.scale_labels, per_scale):
+                values[f"{name}@{label}"] = value
+            values[name] = torch.stack(per_scale) @ per_scale[0].new_tensor(self.scales)
         if by_domain["mosaic"] or by_domain["srgb"]:
             pred_mosaic = unpack(pred, cfa) if packed else pred
             if by_domain["mosaic"]:
                 aligned = unpack(batch["input"], cfa) if packed else batch["input"]
                 for name in by_domain["mosaic"]:
-                    run(name, pred_mosaic, aligned, cfa=cfa)
+                    values[name] = run(name, pred_mosaic, aligned, cfa=cfa)
             if by_domain["srgb"]:
                 target_mosaic = unpack(target, cfa) if packed else target
                 pred_srgb = self.render(pred_mosaic, batch)
@@ -220,15 +259,30 @@ class LossStack(nn.Module):
                 window = self.config.backbone_window
                 for name in by_domain["srgb"]:
                     if self.terms[name].frozen_backbone and window < 1.0:
-                        run(name, *render_window(pred_srgb, target_srgb, window, step))
+                        values[name] = run(name, *render_window(pred_srgb, target_srgb, window, step))
                     else:
-                        run(name, pred_srgb, target_srgb)
+                        values[name] = run(name, pred_srgb, target_srgb)
         total = self.weighting({name: values[name] for name in self.term_names}, step)
-        return total, {name: values[name].detach().reshape(()) for name in self.term_names}
+        return total, {name: values[name].detach().reshape(()) for name in self.value_names}
+
+    def _scale_targets(self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor, packed: bool) -> list[torch.Tensor]:
+        """[target, its 2x2 block mean, its 4x4 block mean, ...], one per output; each output's shape checked against it."""
+        if len(outputs) == 1:
+            return [target]
+        if not packed:
+            raise InputError("multi-scale outputs (model.scales) need packed RAW: a block mean of a mosaic mixes colours")
+        targets = [target] + [downsample_packed(target, scale) for scale in range(1, len(outputs))]
+        for scale, (output, reference) in enumerate(zip(outputs, targets)):
+            if not isinstance(output, torch.Tensor) or output.shape != reference.shape:
+                raise InputError(f"output at 1/{2**scale} has shape {tuple(getattr(output, 'shape', ()))}, "
+                                 f"expected {tuple(reference.shape)} (the target block-averaged to that scale)")
+        return targets
 
     def extra_repr(self) -> str:
         dropped = f", dropped={self.dropped}" if self.dropped else ""
-        return f"terms={list(self.term_names)}, weighting={self.config.weighting}, total_steps={self.total_steps}{dropped}"
+        scales = f", scales={list(self.scales)}" if len(self.scales) > 1 else ""
+        return (f"terms={list(self.term_names)}, weighting={self.config.weighting}, total_steps={self.total_steps}"
+                f"{scales}{dropped}")
 
 
 def _packed_flag(batch: Mapping[str, Any], pred: torch.Tensor) -> bool:

@@ -1,8 +1,10 @@
 """Restoration networks, packed RAW -> packed RAW. The registry is the dict literal `MODELS`, the only way they are built.
 
-Each entry is a `ModelSpec`: the network class and how its own options follow from the
-`model:` config. Every class is called as `cls(in_channels=..., out_channels=..., residual=...,
-**spec.options(model_config))`; `build_model_from_config` adds the noise-map channel and wrapper.
+Each entry is a `ModelSpec`: the network class, how its own options follow from the `model:`
+config, and how many outputs `model.scales` may ask of it (`rawrestore.models.scales`; 1 for a
+network without coarse heads). Every class is called as `cls(in_channels=..., out_channels=...,
+residual=..., **spec.options(model_config))`; `build_model_from_config` adds the noise-map channel
+and wrapper.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from torch import nn
 from rawrestore.errors import ConfigError
 from rawrestore.models.conditioned import NoiseConditioned
 from rawrestore.models.nafnet import NAFBlock, NAFNet
-from rawrestore.models.unet import UNet
+from rawrestore.models.unet import DECODER_LEVELS, UNet
 
 if TYPE_CHECKING:
     from rawrestore.config.schema import ModelConfig
@@ -24,26 +26,33 @@ def _no_options(model: ModelConfig) -> dict[str, Any]:
     return {}
 
 
+def _one_scale(model: ModelConfig) -> int:
+    return 1
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered network: its class and the keyword options it takes from the `model:` config."""
+    """A registered network: its class, the keyword options it takes from the `model:` config, and the
+    most entries `model.scales` may have for that config (its decoder levels; 1: a single output only)."""
 
     cls: type[nn.Module]
     options: Callable[[ModelConfig], dict[str, Any]] = _no_options
+    max_scales: Callable[[ModelConfig], int] = _one_scale
 
 
 def _unet_options(model: ModelConfig) -> dict[str, Any]:
-    return {"base": model.width, "width_mult": model.width_mult}
+    return {"base": model.width, "width_mult": model.width_mult, "scales": len(model.scales)}
 
 
 def _nafnet_options(model: ModelConfig) -> dict[str, Any]:
     return {"width": round(model.width * model.width_mult), "enc_blocks": model.nafnet_blocks,
-            "middle_blocks": model.nafnet_middle_blocks, "dec_blocks": model.nafnet_dec_blocks}
+            "middle_blocks": model.nafnet_middle_blocks, "dec_blocks": model.nafnet_dec_blocks,
+            "scales": len(model.scales)}
 
 
 MODELS: dict[str, ModelSpec] = {
-    "unet": ModelSpec(UNet, _unet_options),
-    "nafnet": ModelSpec(NAFNet, _nafnet_options),
+    "unet": ModelSpec(UNet, _unet_options, lambda model: DECODER_LEVELS),
+    "nafnet": ModelSpec(NAFNet, _nafnet_options, lambda model: len(model.nafnet_blocks)),
 }
 
 

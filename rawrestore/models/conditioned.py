@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from rawrestore.errors import DataError
+from rawrestore.models.scales import add_input
 from rawrestore.physics.noise_level import noise_map
 
 
@@ -14,7 +15,8 @@ class NoiseConditioned(nn.Module):
     x (B,C,h,w) aligned packed RAW -> net(cat[x, sigma(x)]) (B,C,h,w) (+ x when `residual`), where
     sigma is the per-pixel noise standard deviation measured from x itself
     (`rawrestore.physics.noise_level`), so it needs no metadata and works the same on training
-    crops, evaluation frames and inference tiles. `net` takes C + 1 channels and returns C.
+    crops, evaluation frames and inference tiles. `net` takes C + 1 channels and returns C; a net
+    returning multi-scale outputs (training, `model.scales`) gets x added at each scale, block-averaged.
     """
 
     def __init__(self, net: nn.Module, in_channels: int, residual: bool = False):
@@ -28,9 +30,9 @@ class NoiseConditioned(nn.Module):
         """The wrapped network's internal size multiple."""
         return int(getattr(self.net, "size_multiple", 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,in_channels,h,w) -> (B,in_channels,h,w)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """x (B,in_channels,h,w) -> (B,in_channels,h,w), or the net's tuple of scales while training."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise DataError(f"NoiseConditioned expects (B,{self.in_channels},H,W) packed RAW, got shape {tuple(x.shape)}")
         out = self.net(torch.cat([x, noise_map(x)], dim=1))
-        return out + x if self.residual else out
+        return add_input(out, x) if self.residual else out

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from rawrestore.errors import ConfigError, DataError
+from rawrestore.models.scales import add_input, check_scales, crop_to_scale
 from rawrestore.models.unet import pad_to_multiple
 
 
@@ -85,6 +86,10 @@ class NAFNet(nn.Module):
     `dec_blocks[i]` NAFBlocks; a 3x3 ending conv. `residual=True` adds the (exposure-aligned)
     input to the output. H, W are reflect-padded to a multiple of 2**len(enc_blocks) and the
     output cropped back. Paper defaults (width 32): enc (1, 1, 1, 28), middle 1, dec (1, 1, 1, 1).
+
+    `scales=n > 1` (n <= len(enc_blocks), the decoder levels) adds a 3x3 head (like the ending)
+    on the decoder levels at 1/2 ... 1/2**(n-1) and, in training mode only, returns (full, 1/2, ...)
+    (`rawrestore.models.scales`); with `residual` each coarse output adds the input block-averaged to its size.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class NAFNet(nn.Module):
         residual: bool = False,
         dw_expand: int = 2,
         ffn_expand: int = 2,
+        scales: int = 1,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -126,6 +132,7 @@ class NAFNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.residual = residual
+        self.scales = check_scales("NAFNet", scales, len(enc_blocks))
 
         self.intro = nn.Conv2d(in_channels, width, 3, padding=1)
         self.encoders = nn.ModuleList()
@@ -149,14 +156,18 @@ class NAFNet(nn.Module):
                 nn.Sequential(*[NAFBlock(channels, dw_expand, ffn_expand) for _ in range(count)])
             )
         self.ending = nn.Conv2d(width, out_channels, 3, padding=1)
+        # the decoder level at 1/2**scale has width * 2**scale channels
+        self.scale_heads = nn.ModuleList(
+            nn.Conv2d(width * 2**scale, out_channels, 3, padding=1) for scale in range(1, self.scales)
+        )
 
     @property
     def size_multiple(self) -> int:
         """Spatial size the network works on internally (inputs are padded up to it)."""
         return 2 ** len(self.encoders)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,in_channels,H,W) packed RAW -> (B,out_channels,H,W)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """x (B,in_channels,H,W) packed RAW -> (B,out_channels,H,W); training with scales > 1: (full, 1/2, ...)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise DataError(
                 f"NAFNet expects (B,{self.in_channels},H,W) packed RAW, got shape {tuple(x.shape)}"
@@ -169,7 +180,12 @@ class NAFNet(nn.Module):
             skips.append(features)
             features = down(features)
         features = self.middle(features)
-        for up, decoder in zip(self.ups, self.decoders):
+        coarse: dict[int, torch.Tensor] = {}
+        for index, (up, decoder) in enumerate(zip(self.ups, self.decoders)):
             features = decoder(up(features) + skips.pop())
+            scale = len(self.decoders) - 1 - index
+            if self.training and 0 < scale < self.scales:
+                coarse[scale] = crop_to_scale(self.scale_heads[scale - 1](features), scale, height, width)
         out = self.ending(features)[..., :height, :width]
-        return out + x if self.residual else out
+        outputs = (out, *(coarse[scale] for scale in range(1, self.scales))) if coarse else out
+        return add_input(outputs, x) if self.residual else outputs

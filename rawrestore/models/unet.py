@@ -6,8 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rawrestore.errors import ConfigError, DataError
+from rawrestore.models.scales import add_input, check_scales, crop_to_scale
 
 NUM_LEVELS = 5  # 32-64-128-256-512: four 2x poolings, so inputs are padded to a multiple of 16
+DECODER_LEVELS = NUM_LEVELS - 1  # full, 1/2, 1/4, 1/8: the most outputs `scales` may ask for
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
@@ -47,6 +49,10 @@ class UNet(nn.Module):
     9 for packed X-Trans. With `residual=True` the input (already exposure-aligned) is added to
     the output, so the network predicts a correction. H and W need not be multiples of 16: the
     input is reflect-padded and the output cropped back.
+
+    `scales=n > 1` adds a 1x1 head (like the final one) on the decoder levels at 1/2 ... 1/2**(n-1)
+    and, in training mode only, returns (full, 1/2, ...) (`rawrestore.models.scales`); with
+    `residual` each coarse output adds the input block-averaged to its size.
     """
 
     def __init__(
@@ -57,6 +63,7 @@ class UNet(nn.Module):
         width_mult: float = 1.0,
         residual: bool = False,
         negative_slope: float = 0.2,
+        scales: int = 1,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -74,6 +81,7 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.residual = residual
+        self.scales = check_scales("UNet", scales, DECODER_LEVELS)
         self.widths: tuple[int, ...] = tuple(first * 2**level for level in range(NUM_LEVELS))
 
         self.encoder = nn.ModuleList()
@@ -89,6 +97,8 @@ class UNet(nn.Module):
             self.decoder.append(DoubleConv(2 * width, width, negative_slope))
             previous = width
         self.head = nn.Conv2d(previous, out_channels, 1)
+        # the decoder level at 1/2**scale has widths[scale] channels
+        self.scale_heads = nn.ModuleList(nn.Conv2d(self.widths[scale], out_channels, 1) for scale in range(1, self.scales))
         self.reset_parameters(negative_slope)
 
     @property
@@ -103,8 +113,8 @@ class UNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, a=negative_slope, nonlinearity="leaky_relu")
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,in_channels,H,W) packed RAW -> (B,out_channels,H,W)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """x (B,in_channels,H,W) packed RAW -> (B,out_channels,H,W); training with scales > 1: (full, 1/2, ...)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise DataError(
                 f"UNet expects (B,{self.in_channels},H,W) packed RAW, got shape {tuple(x.shape)}"
@@ -118,7 +128,12 @@ class UNet(nn.Module):
             features = block(features)
             skips.append(features)
         skips.pop()  # the bottleneck has no skip partner
-        for upsample, block in zip(self.upsample, self.decoder):
+        coarse: dict[int, torch.Tensor] = {}
+        for index, (upsample, block) in enumerate(zip(self.upsample, self.decoder)):
             features = block(torch.cat([upsample(features), skips.pop()], dim=1))
+            scale = len(self.decoder) - 1 - index
+            if self.training and 0 < scale < self.scales:
+                coarse[scale] = crop_to_scale(self.scale_heads[scale - 1](features), scale, height, width)
         out = self.head(features)[..., :height, :width]
-        return out + x if self.residual else out
+        outputs = (out, *(coarse[scale] for scale in range(1, self.scales))) if coarse else out
+        return add_input(outputs, x) if self.residual else outputs

@@ -159,9 +159,11 @@ def write_loss_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) 
     ax.set_ylabel("lr")
     twin = ax.twinx()
     twin.set_ylabel("effective weight")
-    for name in names:
-        weights = [r["terms"][name]["weight"] for r in steps if name in r.get("terms", {})]
-        twin.plot([r["step"] for r in steps if name in r.get("terms", {})], weights, lw=0.8, ls="--", label=f"w {name}")
+    for name in names:  # per-scale values (`raw_l1@1/2`) have no weight of their own
+        points = [(r["step"], r["terms"][name]["weight"]) for r in steps
+                  if name in r.get("terms", {}) and r["terms"][name]["weight"] is not None]
+        if points:
+            twin.plot(*zip(*points), lw=0.8, ls="--", label=f"w {name}")
     if names:
         twin.legend(fontsize=7, loc="center right")
     ax = axes[1, 1]

@@ -146,7 +146,9 @@ def run_step(trainer: "Trainer", batches: Iterator[Any]) -> StepOutcome:
                 model_input = model_input.contiguous(memory_format=torch.channels_last)
             with trainer._autocast():
                 pred = trainer.model(model_input)
-            total, values = trainer.loss(pred.float(), batch, step)
+            # a model with model.scales returns (full, 1/2, ...) while training
+            pred = tuple(p.float() for p in pred) if isinstance(pred, (tuple, list)) else pred.float()
+            total, values = trainer.loss(pred, batch, step)
             # backward even when non-finite: every DDP rank must take part; the update is dropped on the device
             trainer.scaler.scale(total / train.accumulate).backward()
         totals.append(total.detach())

@@ -140,7 +140,8 @@ class Trainer:
 
         from rawrestore.losses import LossStack
 
-        self.loss = LossStack(cfg.loss, total_steps=train.iterations, cfa_period=cfg.data.cfa_period).to(self.device)
+        self.loss = LossStack(cfg.loss, total_steps=train.iterations, cfa_period=cfg.data.cfa_period,
+                              scales=cfg.model.scales).to(self.device)
         self.optimizer = build_optimizer(self.net, self.loss.trainable_parameters(), train, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, train))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
@@ -346,8 +347,11 @@ class Trainer:
             except OSError as error:
                 raise TrainingError(f"cannot write to output_dir {self.output_dir}: {error.strerror or error}; "
                                     "set output_dir to a folder that can be created and written") from None
+        scales = self.cfg.model.scales
+        coarse = ", ".join(f"1/{2**i}" for i in range(1, len(scales)))
+        outputs = f"; RAW terms also at {coarse} (model.scales {scales})" if len(scales) > 1 else ""
         self.info(f"model {self.cfg.model.name}: {self.param_count:,} parameters "
-                  f"(in/out {self.cfg.data.in_channels} channels); loss terms: {', '.join(self.loss.term_names)}")
+                  f"(in/out {self.cfg.data.in_channels} channels); loss terms: {', '.join(self.loss.term_names)}{outputs}")
         self.info(f"data: {len(self.train_set)} train pairs, {len(self.val_set) if self.val_set is not None else 0} val; "
                   f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}"
                   + (" (auto)" if train.amp == "auto" else ""))
