@@ -8,7 +8,7 @@ networks, each against RAW-L1 alone; then the full and half-size stacks with mix
 with the same mixed precision. VGG/LPIPS use RANDOM backbones (allow_random_backbones):
 the timing is the same as with ImageNet weights, the values are not. Goal: full / RAW-L1 <= 1.6.
 Issue 16's terms get a row each: RAW-L1 + the term (Gram, Sobel edge, blurred colour, the S3Net
-perceptual preset) against RAW-L1 alone.
+perceptual preset, the adversarial loss with its discriminator step) against RAW-L1 alone.
 
 Usage: python benchmarks/bench_losses.py [--crop 256] [--batch 1] [--repeats 5] [--kinds full gram ...]
 """
@@ -25,6 +25,8 @@ import torch
 from rawrestore.config.schema import LossConfig
 from rawrestore.losses import LossStack
 from rawrestore.models import build_model
+from rawrestore.train.optim import build_discriminator_optimizer
+from rawrestore.train.step import discriminator_step
 
 CAM_TO_SRGB = [[1.8, -0.6, -0.2], [-0.2, 1.5, -0.3], [0.05, -0.5, 1.45]]
 
@@ -33,7 +35,7 @@ TOTAL_STEPS = 1000
 
 
 # RAW-L1 plus one sRGB term at weight 0.1 (issue 16's terms); "s3net" is the perceptual term with that preset
-SINGLE_TERMS = ("gram", "sobel_edge", "blur_color", "s3net")
+SINGLE_TERMS = ("gram", "sobel_edge", "blur_color", "s3net", "gan")
 KINDS = ("full", "half", "half_window", "no_backbones") + SINGLE_TERMS
 
 
@@ -109,6 +111,10 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32, kind
                   for kind in ("raw_l1",) + tuple(kinds)}
 
     amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    # loss.gan: the discriminator's own optimiser and step, as the trainer runs them
+    d_optimizers = {kind: build_discriminator_optimizer(stack.adversary.discriminator, stack.config.gan, device)
+                    for kind, stack in stacks.items() if stack.adversary is not None}
+    no_skip = torch.zeros((), dtype=torch.bool, device=device)
 
     def step(kind: str, amp: bool = False) -> Callable[[], None]:
         def one() -> None:
@@ -119,6 +125,8 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32, kind
             total, _ = stacks[kind](pred.float(), data, STEP)
             total.backward()
             optimizer.step()
+            if kind in d_optimizers:
+                discriminator_step(stacks[kind].adversary, d_optimizers[kind], [stacks[kind].last_renders], no_skip)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return one
@@ -136,6 +144,7 @@ def run(crop: int = 256, batch: int = 1, repeats: int = 5, width: int = 32, kind
         "sobel_edge": "RAW-L1 + edge-masked Sobel loss (weight 0.1)",
         "blur_color": "RAW-L1 + blurred-colour loss, sigma 3 (weight 0.1)",
         "s3net": "RAW-L1 + VGG-19 perceptual with preset s3net (relu1_1..relu5_1, 1/32..1; weight 0.1); RANDOM backbone",
+        "gan": "RAW-L1 + adversarial loss (vanilla, 70x70 PatchGAN width 64; weight 0.1) and its discriminator step",
     }
     amp_name = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
     rows = [

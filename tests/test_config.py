@@ -65,7 +65,7 @@ def test_defaults_follow_the_spec():
     weights = {name: term.weight_at(0.0) for name, term in loss.terms().items()}
     assert weights == {"raw_l1": 1.0, "charbonnier": 0.0, "robust": 0.0, "crosstalk": 0.10, "perceptual": 0.02,
                        "lpips": 0.004, "delta_e00": 0.002, "ssim": 0.05, "psnr": 0.0, "ms_ssim": 0.0, "edge": 0.0,
-                       "color_angle": 0.0, "gram": 0.0, "sobel_edge": 0.0, "blur_color": 0.0}
+                       "color_angle": 0.0, "gram": 0.0, "sobel_edge": 0.0, "blur_color": 0.0, "gan": 0.0}
     assert loss.perceptual.layers == ["relu3_3", "relu4_3"] and loss.lpips.net == "alex"
     # staged: LPIPS and CIEDE2000 ramp in with the perceptual term, in the defaults and in losses/full.yaml
     for staged in (loss, load_config(CONFIGS / "sid_sony.yaml").loss):

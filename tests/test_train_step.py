@@ -51,8 +51,19 @@ def quiet(_: str) -> None:
     """Swallow the trainer's progress lines."""
 
 
-def test_no_host_reads_in_a_step_except_to_log(tmp_path, data_root):
-    cfg = load_config(tiny_yaml(tmp_path, data_root), FULL_STEP)
+# The same with the adversarial term after its warm-up (fixed weighting: loss.gan refuses a learnt one): the
+# discriminator's forward in the loss, its step with spectral norm's power iteration, its optimiser.
+GAN_STEP = [o for o in FULL_STEP if o != "loss.weighting=uncertainty"] + [
+    "loss.gan.weight=0.1", "loss.gan.width=4", "loss.gan.relativistic=true", "loss.gan.spectral_norm=true",
+    "loss.gan.warmup=1"]
+
+
+@pytest.mark.parametrize("overrides, record_reads, extras", [
+    (FULL_STEP, 2, set()),  # the numbers, then the learnt weights
+    (GAN_STEP, 1, {"gan/d_loss", "gan/d_acc"}),  # fixed weights are host numbers
+], ids=["full", "gan"])
+def test_no_host_reads_in_a_step_except_to_log(tmp_path, data_root, overrides, record_reads, extras):
+    cfg = load_config(tiny_yaml(tmp_path, data_root), overrides)
     trainer = Trainer(cfg, log=quiet, progress=False)
     batches = trainer._loader(0)
     trainer.model.train()
@@ -65,8 +76,9 @@ def test_no_host_reads_in_a_step_except_to_log(tmp_path, data_root):
     assert sum(reads.calls.values()) == 0, dict(reads.calls)
     with HostReads(cfa_storages) as reads:
         record = outcome.record()  # a logging step: the numbers in one transfer, the learnt weights in another
-    assert dict(reads.calls) == {"tolist": 2} and record["step"] == 2 and np.isfinite(record["loss"])
-    assert set(record["terms"]) == {"raw_l1", "crosstalk", "ssim", "delta_e00"}
+    assert dict(reads.calls) == {"tolist": record_reads} and record["step"] == 2 and np.isfinite(record["loss"])
+    assert set(record["terms"]) == {"raw_l1", "crosstalk", "ssim", "delta_e00"} | ({"gan"} if extras else set())
+    assert extras <= set(record) and all(np.isfinite(record[key]) for key in extras)
 
 
 def test_fp16_steps_the_scaler_skips_leave_ema_weights_and_counter(tmp_path, data_root):

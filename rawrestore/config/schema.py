@@ -190,6 +190,10 @@ class LossTermConfig:
     ramp_start: float = 0.7
     ramp_end: float = 1.0
 
+    def weight_at_step(self, step: int, total_steps: int) -> float:
+        """Weight at optimiser step `step` (0-based) of `total_steps`: `weight_at` of the clamped progress."""
+        return self.weight_at(min(step / total_steps, 1.0))
+
     def weight_at(self, progress: float) -> float:
         """Weight at `progress` = iteration / total iterations, in [0, 1]."""
         if self.schedule == "fixed" or self.weight == 0.0:
@@ -349,6 +353,42 @@ class BlurColorTermConfig(LossTermConfig):
 
 
 @dataclass
+class GanTermConfig(LossTermConfig):
+    """Adversarial loss on the prediction's render against a PatchGAN discriminator with its own Adam optimiser.
+
+    `kind`: vanilla (BCE), lsgan (least squares) or hinge; `relativistic`: the relativistic
+    average form (RaGAN, as ESRGAN). `warmup` steps: neither the generator term counts (its
+    weight is 0, its value still logged) nor the discriminator trains. The discriminator:
+    `width` channels in its first layer, `n_layers` stride-2 layers (3: 70x70 patches), `norm`,
+    `spectral_norm`; its optimiser: `lr` (constant), `betas`. Needs loss.weighting fixed.
+    """
+
+    kind: Literal["vanilla", "lsgan", "hinge"] = "vanilla"
+    relativistic: bool = False
+    lr: float = 1.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    warmup: int = 0
+    width: int = 64
+    n_layers: int = 3
+    norm: Literal["instance", "none"] = "instance"
+    spectral_norm: bool = False
+
+    def weight_at_step(self, step: int, total_steps: int) -> float:
+        """0 during the first `warmup` steps, then the scheduled weight."""
+        return 0.0 if step < self.warmup else super().weight_at_step(step, total_steps)
+
+    def validate(self, key: str) -> None:
+        """Check values: lr > 0, two betas in [0, 1), warmup >= 0, 1 <= n_layers <= 6, width >= 1, plus the common checks."""
+        super().validate(key)
+        _require(math.isfinite(self.lr) and self.lr > 0, f"{key}.lr", "must be a finite number > 0", self.lr)
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{key}.betas",
+                 "must be two numbers in [0, 1) (Adam's beta1, beta2)", self.betas)
+        _require(self.warmup >= 0, f"{key}.warmup", "must be >= 0 steps", self.warmup)
+        _require(self.width >= 1, f"{key}.width", "must be >= 1", self.width)
+        _require(1 <= self.n_layers <= 6, f"{key}.n_layers", "must be in [1, 6]", self.n_layers)
+
+
+@dataclass
 class MSSSIMTermConfig(LossTermConfig):
     """1 - MS-SSIM on rendered sRGB; renders under 161 px a side fail unless `fallback` (then 1 - SSIM)."""
 
@@ -400,6 +440,7 @@ class LossConfig:
     gram: GramTermConfig = field(default_factory=GramTermConfig)
     sobel_edge: SobelEdgeTermConfig = field(default_factory=SobelEdgeTermConfig)
     blur_color: BlurColorTermConfig = field(default_factory=BlurColorTermConfig)
+    gan: GanTermConfig = field(default_factory=GanTermConfig)
     weighting: Literal["fixed", "uncertainty", "softmax"] = "fixed"
     crosstalk_kernel: str = "uniform(0.02)"  # "identity" | "uniform(<leak>)" | path to a kernel file
     render_demosaic: Literal["bilinear", "malvar", "half"] = "bilinear"
@@ -435,6 +476,9 @@ class LossConfig:
                      "must read 'uniform(x)' with a leak 0 <= x < 0.25", kernel)
         _require(bool(self.active_terms()), key, "needs at least one term with a weight > 0",
                  {name: term.weight for name, term in self.terms().items()})
+        # a learnt weight would trade the adversarial term against its own discriminator (hinge's is unbounded below)
+        _require(not self.gan.active or self.weighting == "fixed", f"{key}.weighting",
+                 f"must be 'fixed' while {key}.gan.weight > 0", self.weighting)
 
 
 # ---------------------------------------------------------------------------- train
@@ -568,6 +612,24 @@ class ExperimentConfig:
         _require(packed_side >> (len(self.model.scales) - 1) >= 1, f"{prefix}model.scales",
                  f"has a coarsest output below one pixel for data.crop_size {self.data.crop_size}; use fewer entries",
                  self.model.scales)
+        self._check_gan(prefix)
+
+    def _check_gan(self, prefix: str) -> None:
+        """An adversarial term must start inside the run and its discriminator fit the training renders."""
+        from rawrestore.models.discriminator import min_input_size  # lazy: models import this module
+
+        term = self.loss.gan
+        if not term.active:
+            return
+        _require(term.warmup < self.train.iterations, f"{prefix}loss.gan.warmup",
+                 f"must be < train.iterations={self.train.iterations} (the term would never start)", term.warmup)
+        period = self.data.cfa_period
+        side = self.data.crop_size // period if self.loss.render_demosaic == "half" else self.data.crop_size
+        needed = min_input_size(term.n_layers)
+        _require(side >= needed, f"{prefix}data.crop_size",
+                 f"gives {side}-pixel renders (loss.render_demosaic={self.loss.render_demosaic}); the {term.n_layers}-layer "
+                 f"discriminator of '{prefix}loss.gan' needs {needed}: raise it or lower loss.gan.n_layers",
+                 self.data.crop_size)
 
     def _check_ms_ssim_crop(self, prefix: str) -> None:
         """Five-scale MS-SSIM needs renders of 161 px a side: check the training crop now, not at step 0."""
@@ -592,6 +654,6 @@ class ExperimentConfig:
 __all__ = [
     "CFA_PERIOD", "VGG16_LAYERS", "DataConfig", "ModelConfig", "LossTermConfig", "CharbonnierTermConfig",
     "RobustTermConfig", "VGGTermConfig", "PerceptualTermConfig", "GramTermConfig", "SobelEdgeTermConfig",
-    "BlurColorTermConfig", "PERCEPTUAL_PRESETS", "MSSSIMTermConfig", "VGG19_LAYERS", "LpipsTermConfig", "LossConfig", "TrainConfig",
+    "BlurColorTermConfig", "GanTermConfig", "PERCEPTUAL_PRESETS", "MSSSIMTermConfig", "VGG19_LAYERS", "LpipsTermConfig", "LossConfig", "TrainConfig",
     "EvalConfig", "ExperimentConfig",
 ]

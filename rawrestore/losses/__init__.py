@@ -4,10 +4,12 @@
 class that builds itself from its config entry (`from_config`) and declares its `domain`
 ("raw": prediction vs target as trained, "mosaic": predicted mosaic vs the dark input's,
 "srgb": the two renders); see `losses.term`. `LossStack` builds the active terms of a
-`LossConfig` through it and runs one step of them.
+`LossConfig` through it and runs one step of them. `gan` (`losses.adversarial`) also owns a
+discriminator that the training step updates with its own optimiser.
 """
 from __future__ import annotations
 
+from rawrestore.losses.adversarial import AdversarialLoss, discriminator_accuracy, discriminator_loss, generator_loss
 from rawrestore.losses.perceptual import GramLoss, LPIPSLoss, PerceptualLoss, gram_loss, lpips_loss, perceptual
 from rawrestore.losses.raw import (
     CharbonnierLoss,
@@ -65,6 +67,7 @@ LOSSES: dict[str, type[LossTerm]] = {
     "gram": GramLoss,
     "sobel_edge": SobelEdgeLoss,
     "blur_color": BlurColorLoss,
+    "gan": AdversarialLoss,
 }
 
 from rawrestore.losses.stack import LossStack  # noqa: E402  (needs LOSSES above)
@@ -73,10 +76,10 @@ __all__ = [
     "LOSSES", "WEIGHTINGS", "LossStack", "LossTerm", "BuildContext",
     "l1", "charbonnier", "robust", "crosstalk_consistency",
     "perceptual", "lpips_loss", "delta_e00", "neg_psnr", "ssim_loss", "ms_ssim_loss", "laplacian_edge", "color_angle",
-    "gram_loss", "sobel_edge", "blur_color",
+    "gram_loss", "sobel_edge", "blur_color", "generator_loss", "discriminator_loss", "discriminator_accuracy",
     "scheduled_weight", "uncertainty_weighted", "softmax_weighted",
     "L1Loss", "CharbonnierLoss", "RobustLoss", "CrosstalkConsistencyLoss", "PerceptualLoss", "LPIPSLoss",
     "DeltaE00Loss", "PSNRLoss", "SSIMLoss", "MSSSIMLoss", "LaplacianEdgeLoss", "ColorAngleLoss",
-    "GramLoss", "SobelEdgeLoss", "BlurColorLoss",
+    "GramLoss", "SobelEdgeLoss", "BlurColorLoss", "AdversarialLoss",
     "FixedWeighting", "UncertaintyWeighting", "SoftmaxWeighting",
 ]

@@ -5,8 +5,8 @@
          output vs the target block-averaged to its size (`isp.cfa.downsample_packed`), weighted by its scale
       -> crosstalk consistency on the full-resolution mosaic vs the aligned dark input
       -> render prediction AND target to sRGB once each with one `isp.ISP`
-      -> every sRGB term on those two renders (perceptual, lpips, delta_e00, ssim, ms_ssim, edge, color_angle;
-         VGG and LPIPS on a step-placed window of them when loss.backbone_window < 1)
+      -> every sRGB term on those two renders (perceptual, lpips, delta_e00, ssim, ms_ssim, edge, color_angle,
+         gan; VGG and LPIPS on a step-placed window of them when loss.backbone_window < 1)
       -> weighting (fixed + schedules | uncertainty | softmax) -> total
 
 Only terms that are active (weight non-zero at some point of training) are built and run; an
@@ -28,6 +28,7 @@ from isp.pipeline import ISP
 from rawrestore.config.schema import LossConfig
 from rawrestore.errors import ConfigError, InputError, WeightsError
 from rawrestore.losses import LOSSES
+from rawrestore.losses.adversarial import AdversarialLoss
 from rawrestore.losses.term import DOMAINS, BuildContext
 from rawrestore.losses.weighting import WEIGHTINGS, FixedWeighting
 
@@ -88,7 +89,12 @@ class LossStack(nn.Module):
     `stack.trainable_parameters()` to the optimiser; `stack.state_dict()` holds them, and never
     the frozen backbones (reloaded from their weights files). `stack.render_count` counts ISP
     calls since construction, `stack.renders_last_step` those of the last forward (2 when any
-    sRGB term is active: prediction and target).
+    sRGB term is active: prediction and target); `stack.last_renders` holds that forward's two
+    renders, detached (None without sRGB terms).
+
+    The adversarial term (`stack.adversary`, `loss.gan`) owns a discriminator: in the state dict,
+    not in `trainable_parameters()`; the training step updates it on `last_renders` with its own
+    optimiser (`rawrestore.train.step`).
     """
 
     def __init__(self, config: LossConfig, total_steps: int, cfa_period: int | None = None,
@@ -175,10 +181,16 @@ class LossStack(nn.Module):
         self.backbone_dtype: torch.dtype | None = None
         self.render_count = 0
         self.renders_last_step = 0
+        self.last_renders: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The learnable weighting parameters (empty for fixed weighting); the backbones are frozen."""
+        """The learnable weighting parameters (empty for fixed weighting); the backbones are frozen, the discriminator apart."""
         return [p for p in self.weighting.parameters() if p.requires_grad]
+
+    @property
+    def adversary(self) -> AdversarialLoss | None:
+        """The active adversarial term (`loss.gan`), whose discriminator the training step updates; else None."""
+        return next((term for term in self.terms.values() if isinstance(term, AdversarialLoss)), None)
 
     def render(self, mosaic: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """sRGB render of a mosaic with the batch's metadata. (B,1,H,W) -> (B,3,H',W'); counted in render_count."""
@@ -224,6 +236,7 @@ class LossStack(nn.Module):
         packed = _packed_flag(batch, pred)
         targets = self._scale_targets(outputs, target, packed)
         self.renders_last_step = 0
+        self.last_renders = None
         learnable = getattr(self.weighting, "learnable", False)
         weights = None if learnable else self.weighting.effective_weights(step)  # host numbers: fixed schedules only
         values: dict[str, torch.Tensor] = {}
@@ -256,6 +269,7 @@ class LossStack(nn.Module):
                 pred_srgb = self.render(pred_mosaic, batch)
                 with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
                     target_srgb = self.render(target_mosaic, batch)
+                self.last_renders = (pred_srgb.detach(), target_srgb.detach())
                 window = self.config.backbone_window
                 for name in by_domain["srgb"]:
                     if self.terms[name].frozen_backbone and window < 1.0:

@@ -41,12 +41,13 @@ def scheduled_weight(term: LossTermConfig, step: int, total_steps: int) -> float
     start_weight until ramp_start, a linear or half-cosine ramp 0.5 * (1 - cos(pi t)) to
     end_weight at ramp_end, end_weight after. Weight 0 switches a term off whatever its schedule.
     E.g. 0.02 -> 0.10 over the last 30%: 0.02 at 0% and 70%, 0.06 at 85% (both shapes), 0.10 at 100%.
+    A term config may hold a term off for its first steps (`term.weight_at_step`: `loss.gan.warmup`).
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise InputError(f"total_steps must be an integer >= 1, got {total_steps!r}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise InputError(f"step must be an integer >= 0, got {step!r}")
-    return float(term.weight_at(min(step / total_steps, 1.0)))
+    return float(term.weight_at_step(step, total_steps))
 
 
 def uncertainty_weighted(values: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ config, and how many outputs `model.scales` may ask of it (`rawrestore.models.sc
 network without coarse heads). Every class is called as `cls(in_channels=..., out_channels=...,
 residual=..., **spec.options(model_config))`; `build_model_from_config` adds the noise-map channel
 and wrapper.
+`PatchDiscriminator` (sRGB -> patch logits) is the adversarial loss's network, not a restoration
+one, so it is not in the registry (`rawrestore.losses.adversarial` builds it).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import nn
 
 from rawrestore.errors import ConfigError
 from rawrestore.models.conditioned import NoiseConditioned
+from rawrestore.models.discriminator import PatchDiscriminator
 from rawrestore.models.nafnet import NAFBlock, NAFNet
 from rawrestore.models.unet import DECODER_LEVELS, UNet
 
@@ -84,6 +87,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 __all__ = [
-    "MODELS", "ModelSpec", "UNet", "NAFNet", "NAFBlock", "NoiseConditioned", "build_model", "build_model_from_config",
+    "MODELS", "ModelSpec", "UNet", "NAFNet", "NAFBlock", "NoiseConditioned", "PatchDiscriminator", "build_model", "build_model_from_config",
     "count_parameters",
 ]

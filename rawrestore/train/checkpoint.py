@@ -13,8 +13,9 @@ the two leaves a checksum that no longer matches: that checkpoint is reported as
 previous one is used. Files hold only tensors and plain Python values (RNG states included) so
 they load with `torch.load(weights_only=True)`:
 
-    {"format", "step", "model", "ema" | None, "optimizer", "scheduler", "scaler" | None,
-     "loss" (LossStack state: learnable weights), "rng" (one entry per rank), "sampler",
+    {"format", "step", "model", "ema" | None, "optimizer", "discriminator_optimizer" | None (loss.gan),
+     "scheduler", "scaler" | None, "loss" (LossStack state: learnable weights, loss.gan's discriminator),
+     "rng" (one entry per rank), "sampler",
      "trainer" (counters, best metric), "config" (the resolved config as a dict), "world_size"}
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ _HASH_CHUNK = 1 << 20
 # torch.save stores entries uncompressed: what a checkpoint expands to is about its size on disk
 _MAX_EXPANSION = 1.25
 _EXPANSION_SLACK = 1 << 20
-_MAX_STATE_PER_MODEL = 5  # model + EMA + two Adam moments, and room to spare
+_MAX_STATE_PER_MODEL = 5  # model + EMA + two Adam moments, and room to spare (the loss's networks count as model)
 _STATE_SLACK = 16 << 20  # RNG states (a few kB each), the loss weights, the sampler
 
 
@@ -216,7 +217,9 @@ def _tensor_bytes(tree: Any, limit: int = 1_000_000) -> int:
 
 
 def check_tensor_sizes(path: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose tensors are far larger than its model's own (EMA, Adam moments and RNG allowed).
+    """Refuse a checkpoint whose tensors are far larger than its networks' own (EMA, Adam moments and RNG allowed).
+
+    The networks are the model and the loss state (learnt weights, a GAN discriminator with its own Adam moments).
 
     Read memory-mapped, so nothing is loaded whole; a legacy (non-zip) file is bounded by its size already.
     """
@@ -227,12 +230,13 @@ def check_tensor_sizes(path: str | os.PathLike) -> None:
         return
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         return
-    model = _tensor_bytes(state["model"])
+    loss = state.get("loss")
+    model = _tensor_bytes(state["model"]) + (_tensor_bytes(loss) if isinstance(loss, dict) else 0)
     total = _tensor_bytes(state)
     allowed = _MAX_STATE_PER_MODEL * model + _STATE_SLACK
     if total > allowed:
         raise CheckpointError(f"checkpoint {path} holds {total / 2**20:.1f} MiB of tensors for a model of {model / 2**20:.1f} MiB "
-                              f"(at most {_MAX_STATE_PER_MODEL}x the model + {_STATE_SLACK >> 20} MiB: weights, EMA, "
+                              f"with its loss networks (at most {_MAX_STATE_PER_MODEL}x that + {_STATE_SLACK >> 20} MiB: weights, EMA, "
                               "optimizer moments, RNG states); refused before loading it whole")
 
 

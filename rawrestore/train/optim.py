@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["set_determinism", "resolve_amp", "cpu_flags", "lr_factor", "onecycle_factor", "build_optimizer", "ModelEMA", "AUTOCAST_DTYPES"]
+__all__ = ["set_determinism", "resolve_amp", "cpu_flags", "lr_factor", "onecycle_factor", "build_optimizer",
+           "build_discriminator_optimizer", "ModelEMA", "AUTOCAST_DTYPES"]
 
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -103,6 +104,12 @@ def build_optimizer(net: nn.Module, extra: list[nn.Parameter], cfg_train: Any, d
     optimizer_cls = torch.optim.AdamW if cfg_train.optimizer == "adamw" else torch.optim.Adam
     fused = device.type in ("cpu", "cuda")
     return optimizer_cls(groups, lr=cfg_train.lr, weight_decay=cfg_train.weight_decay, fused=fused)
+
+
+def build_discriminator_optimizer(discriminator: nn.Module, term: Any, device: torch.device) -> torch.optim.Optimizer:
+    """Adam over a GAN discriminator's parameters with `loss.gan.lr` (constant) and `loss.gan.betas`; fused like the model's."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(discriminator.parameters(), lr=term.lr, betas=tuple(term.betas), fused=fused)
 
 
 class ModelEMA:

@@ -223,6 +223,8 @@ def report_step(record: dict[str, Any], step: int, bar: Any, board: Any, info: C
         if "loss" in record:
             postfix = {"loss": f"{record['loss']:.4g}"}
             postfix.update({n: f"{t['value']:.3g}" for n, t in record["terms"].items()})
+            if "gan/d_acc" in record:
+                postfix["D acc"] = f"{record['gan/d_acc']:.2f}"
             postfix["lr"] = f"{record['lr']:.2e}"
             bar.set_postfix(postfix, refresh=False)
     if board is not None and "loss" in record:
@@ -232,3 +234,6 @@ def report_step(record: dict[str, Any], step: int, bar: Any, board: Any, info: C
             board.add_scalar(f"loss/{name}", term["value"], step)
             if term["weight"] is not None:
                 board.add_scalar(f"weight/{name}", term["weight"], step)
+        for key in ("gan/d_loss", "gan/d_acc"):  # the discriminator's, after loss.gan.warmup
+            if key in record:
+                board.add_scalar(key, record[key], step)

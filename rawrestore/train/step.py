@@ -10,6 +10,13 @@ Skip reasons (bits of `StepState.reason`): 1 the batch holds NaN/inf (it is zero
 rank still runs forward and backward), 2 the loss is not finite, 4 the gradient norm is not
 finite; with the fp16 GradScaler, bit 4 alone is an overflow: skipped, scale lowered, and the
 non-finite-in-a-row counter neither grows nor resets.
+
+With an adversarial term (`loss.gan`, from step `loss.gan.warmup` on) the discriminator takes one
+step after the model's, on the detached renders the stack made for each micro-batch
+(`LossStack.last_renders`: nothing is rendered again), with its own fused Adam; it is skipped
+with the model's step or when its own loss is not finite. Its gradients are averaged over DDP
+ranks by hand (`average_gradients`): it is not wrapped in DistributedDataParallel. Its loss and
+accuracy join the step's numbers (`gan/d_loss`, `gan/d_acc` in the record).
 """
 from __future__ import annotations
 
@@ -26,9 +33,10 @@ from rawrestore.train import distributed as dist_utils
 from rawrestore.train.sampling import LoadFailure
 
 if TYPE_CHECKING:
+    from rawrestore.losses.adversarial import AdversarialLoss
     from rawrestore.train.trainer import Trainer
 
-__all__ = ["StepState", "StepOutcome", "run_step", "synthesize", "REASONS"]
+__all__ = ["StepState", "StepOutcome", "run_step", "discriminator_step", "synthesize", "REASONS"]
 
 BATCH_NONFINITE, LOSS_NONFINITE, GRAD_NONFINITE = 1, 2, 4
 REASONS = {BATCH_NONFINITE: "batch holds NaN/inf", LOSS_NONFINITE: "non-finite loss", GRAD_NONFINITE: "non-finite gradient"}
@@ -65,17 +73,18 @@ class StepOutcome:
     step: int  # the step number after this step (1-based)
     lr: float
     names: tuple[str, ...]
-    values: torch.Tensor  # (N + 2,) float64: term means, total, grad norm
+    values: torch.Tensor  # (N + 2 + E,) float64: term means, total, grad norm, then the `extras`
     state: torch.Tensor  # StepState.values after the step
     weights: Callable[[], dict[str, float]]  # the terms' effective weights, read with the record
     scaler_enabled: bool
+    extras: tuple[str, ...] = ()  # record keys of the numbers after the grad norm (the GAN discriminator's)
 
     def record(self) -> dict[str, Any]:
         """The log record: losses averaged over micro-batches and ranks (all ranks call it together)."""
         values = dist_utils.mean_tensor(self.values)
         numbers = torch.cat([values, self.state.to(values.dtype)]).tolist()
-        count = len(self.names)
-        in_row, skipped, peak, reason = (int(v) for v in numbers[count + 2:])
+        count, after = len(self.names), len(self.names) + 2 + len(self.extras)
+        in_row, skipped, peak, reason = (int(v) for v in numbers[after:])
         record: dict[str, Any] = {"step": self.step, "lr": self.lr}
         if reason:
             names = [text for bit, text in REASONS.items() if reason & bit]
@@ -87,6 +96,7 @@ class StepOutcome:
             weights = self.weights()
             record["terms"] = {n: {"value": numbers[i], "weight": weights.get(n)} for i, n in enumerate(self.names)}
             record["grad_norm"] = numbers[count + 1]
+            record.update(zip(self.extras, numbers[count + 2:after]))
         record["skipped_steps"] = skipped
         record["peak_nonfinite_in_row"] = peak
         return record
@@ -130,6 +140,8 @@ def run_step(trainer: "Trainer", batches: Iterator[Any]) -> StepOutcome:
     finite = torch.ones((), dtype=torch.bool, device=device)
     totals: list[torch.Tensor] = []
     terms: list[dict[str, torch.Tensor]] = []
+    adversary = trainer.loss.adversary
+    renders: list[tuple[torch.Tensor, torch.Tensor]] = []  # each micro-batch's renders, for the discriminator
     for micro in range(train.accumulate):
         batch = next(batches)  # always consumed: the data stream follows the step
         if isinstance(batch, LoadFailure):
@@ -153,6 +165,8 @@ def run_step(trainer: "Trainer", batches: Iterator[Any]) -> StepOutcome:
             trainer.scaler.scale(total / train.accumulate).backward()
         totals.append(total.detach())
         terms.append(values)
+        if adversary is not None:
+            renders.append(trainer.loss.last_renders)
     totals_t = torch.stack(totals)
     loss_finite = torch.isfinite(totals_t).all()
     dist_utils.average_gradients(trainer.loss.trainable_parameters())
@@ -177,11 +191,30 @@ def run_step(trainer: "Trainer", batches: Iterator[Any]) -> StepOutcome:
         trainer.scaler.update()
     if trainer.ema is not None:
         trainer.ema.update(trainer.net, skip)
+    extras: dict[str, torch.Tensor] = {}
+    if adversary is not None and step >= trainer.cfg.loss.gan.warmup:
+        extras = discriminator_step(adversary, trainer.d_optimizer, renders, skip)
     trainer.state.update(skip, reason, overflow)
     trainer.scheduler.step()
     trainer.step += 1
     names = tuple(terms[0])
     means = [torch.stack([t[name] for t in terms]).mean() for name in names]
-    numbers = torch.stack([v.to(torch.float64) for v in (*means, totals_t.mean(), norm)])
+    numbers = torch.stack([v.to(torch.float64) for v in (*means, totals_t.mean(), norm, *extras.values())])
     return StepOutcome(trainer.step, lr, names, numbers, trainer.state.values.clone(),
-                       lambda: trainer.loss.weights_now(step), trainer.scaler.is_enabled())
+                       lambda: trainer.loss.weights_now(step), trainer.scaler.is_enabled(), tuple(extras))
+
+
+def discriminator_step(adversary: "AdversarialLoss", optimizer: torch.optim.Optimizer,
+                       renders: list[tuple[torch.Tensor, torch.Tensor]], skip: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One update of the GAN discriminator on a step's detached (pred, target) renders; nothing read to the host.
+
+    Skipped on the device (the fused optimiser's `found_inf`) with the model's step (`skip`) or
+    when its loss is not finite on any rank. -> {"gan/d_loss": (), "gan/d_acc": ()}.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss, accuracy = adversary.discriminator_backward(renders)
+    dist_utils.average_gradients([p for p in adversary.discriminator.parameters() if p.requires_grad])
+    bad = dist_utils.max_tensor((skip | ~torch.isfinite(loss)).to(torch.int64))  # every rank skips together
+    optimizer.found_inf = bad.to(torch.float32)
+    optimizer.step()
+    return {"gan/d_loss": loss, "gan/d_acc": accuracy}

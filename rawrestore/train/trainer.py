@@ -8,6 +8,7 @@ One optimiser step (`train.accumulate` micro-batches of `train.batch_size` per p
       -> LossStack (RAW terms, one render, sRGB terms, weighting) in float32
       -> backward (DDP averages gradients) -> unscale, clip, finite check -> fused Adam/AdamW step
       -> lr schedule (warmup + cosine | SID steps) -> EMA update (see `optim`)
+      -> [with loss.gan: one discriminator step on the step's detached renders, its own Adam]
 
 The step never reads a value back to the host: a step whose batch holds NaN/inf or whose loss or
 gradient norm is not finite is skipped on the device (the fused optimiser's `found_inf`, the
@@ -18,8 +19,8 @@ fp16, a step the GradScaler skips (overflow) is skipped the same way but does no
 non-finite in a row: it only lowers the scale.
 
 Data order and sample seeding are functions of the step (`sampling`); together with the
-checkpointed RNG, optimiser, EMA and loss-weighting states, N steps + resume + N steps equals 2N
-steps bit for bit on the CPU. SIGTERM/SIGINT finish the current step, write `last.pt` and return.
+checkpointed RNG, optimiser, EMA, loss-weighting and discriminator states, N steps + resume + N
+steps equals 2N steps bit for bit on the CPU. SIGTERM/SIGINT finish the current step, write `last.pt` and return.
 One trainer per output_dir at a time (`runlock`).
 """
 from __future__ import annotations
@@ -45,7 +46,9 @@ from rawrestore.pretrained import build_lpips_or_none
 from rawrestore.train import checkpoint as ckpt
 from rawrestore.train import distributed as dist_utils
 from rawrestore.train.distributed import DistInfo
-from rawrestore.train.optim import AUTOCAST_DTYPES, ModelEMA, build_optimizer, lr_factor, resolve_amp, set_determinism
+from rawrestore.train.optim import (
+    AUTOCAST_DTYPES, ModelEMA, build_discriminator_optimizer, build_optimizer, lr_factor, resolve_amp, set_determinism,
+)
 from rawrestore.train.runlock import RunLock
 from rawrestore.train.runlog import (
     LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, plot_curves, report_step, truncate_log,
@@ -143,6 +146,9 @@ class Trainer:
         self.loss = LossStack(cfg.loss, total_steps=train.iterations, cfa_period=cfg.data.cfa_period,
                               scales=cfg.model.scales).to(self.device)
         self.optimizer = build_optimizer(self.net, self.loss.trainable_parameters(), train, self.device)
+        adversary = self.loss.adversary  # loss.gan: its discriminator has an optimiser of its own
+        self.d_optimizer = (build_discriminator_optimizer(adversary.discriminator, cfg.loss.gan, self.device)
+                            if adversary is not None else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, train))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.autocast_dtype = AUTOCAST_DTYPES.get(self.amp)
@@ -233,6 +239,7 @@ class Trainer:
             "model": self.net.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
+            "discriminator_optimizer": self.d_optimizer.state_dict() if self.d_optimizer is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "loss": self.loss.state_dict(),
@@ -264,6 +271,10 @@ class Trainer:
                 self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
             self.loss.load_state_dict(state.get("loss") or {}, strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.d_optimizer is not None:
+                if state.get("discriminator_optimizer") is None:
+                    raise ValueError("it has no discriminator optimizer state (written without loss.gan)")
+                self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
         except (RuntimeError, KeyError, ValueError) as error:
             first = str(error).strip().splitlines()[0][:200]
             raise ckpt.CheckpointError(
@@ -352,6 +363,11 @@ class Trainer:
         outputs = f"; RAW terms also at {coarse} (model.scales {scales})" if len(scales) > 1 else ""
         self.info(f"model {self.cfg.model.name}: {self.param_count:,} parameters "
                   f"(in/out {self.cfg.data.in_channels} channels); loss terms: {', '.join(self.loss.term_names)}{outputs}")
+        if self.loss.adversary is not None:
+            gan = self.cfg.loss.gan
+            self.info(f"loss.gan: {gan.kind}{' relativistic' if gan.relativistic else ''}, discriminator "
+                      f"{count_parameters(self.loss.adversary.discriminator):,} parameters, lr {gan.lr:g}, "
+                      f"from step {gan.warmup}")
         self.info(f"data: {len(self.train_set)} train pairs, {len(self.val_set) if self.val_set is not None else 0} val; "
                   f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}"
                   + (" (auto)" if train.amp == "auto" else ""))
