@@ -14,6 +14,7 @@ and cropped to the original frame. The results are averaged on the mosaic and pa
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -21,7 +22,7 @@ import torch
 import isp
 from isp.geometry import CropOp, cfa_preserving_ops
 from rawrestore.errors import InputError
-from rawrestore.tiling import tiled_apply
+from rawrestore.tiling import TILE_ALIGN, tiled_apply
 
 __all__ = ["self_ensemble_apply", "restore"]
 
@@ -68,8 +69,14 @@ def self_ensemble_apply(
 
 def restore(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cfa: torch.Tensor, tile: int, overlap: int,
             self_ensemble: bool = False, packed: bool = True) -> torch.Tensor:
-    """The model on a whole frame: tiled (`tile` 0: one pass), optionally self-ensembled. x (1,C,h,w) -> same shape."""
+    """The model on a whole frame: tiled (`tile` 0: one pass), optionally self-ensembled. x (1,C,h,w) -> same shape.
+
+    Mosaic tiles (`packed` false) start on whole CFA periods too, so every tile shows the network
+    the CFA phase it trained on (16 px steps keep Bayer's; X-Trans needs steps of 48 = lcm(16, 6)).
+    """
+    align = TILE_ALIGN if packed else math.lcm(TILE_ALIGN, int(torch.as_tensor(cfa).shape[-1]))
+
     def one_pass(frame: torch.Tensor) -> torch.Tensor:
-        return tiled_apply(model, frame, tile, overlap)
+        return tiled_apply(model, frame, tile, overlap, align)
 
     return self_ensemble_apply(one_pass, x, cfa, packed=packed) if self_ensemble else one_pass(x)

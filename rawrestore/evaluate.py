@@ -18,6 +18,10 @@ disk; nothing is ever made up.
 
 Writes DIR/per_image.csv, DIR/summary.json (layout in `rawrestore.results`), DIR/report.html with
 DIR/images/*.png and the published figures beside the measured ones, and prints the table.
+
+With `data.sources` every source's split is scored (eval.subset and eval.max_images per source,
+pictures named `<source>_<short>`): summary.json keeps the pooled numbers at the top and adds
+one entry per source under "sources"; per_image.csv gets a `source` column.
 """
 from __future__ import annotations
 
@@ -45,8 +49,8 @@ from rawrestore.protocols import (
     SidRenderer, eval_renderer, lpips_or_none, parse_protocols, predict, render_internal, score_internal, score_raw,
 )
 from rawrestore.results import (
-    check_out_folder, format_protocol_table, protocol_summaries, remove_empty, write_per_image_csv, write_report,
-    write_summary,
+    check_out_folder, format_protocol_table, pooled_evaluators, protocol_summaries, remove_empty, write_per_image_csv,
+    write_report, write_summary,
 )
 
 __all__ = [
@@ -205,21 +209,32 @@ def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, s
     packed = cfg.data.packed
 
     model, step, used_ema = load_model(cfg, checkpoint, device)
-    dataset = build_datasets(cfg.data, split, seed=cfg.seed, prepare=False)
-    listed = len(dataset)
-    dataset.records = select_subset(dataset.records, cfg.eval.subset)
-    if not dataset.records:
-        raise ConfigError(f"eval.subset {cfg.eval.subset} leaves none of the {listed} {split} pairs; use eval.subset=all")
-    dataset.prepare()
-    count = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
+    with_sources = cfg.data.sources is not None
+    sources = list(zip(cfg.data.source_names(), cfg.data.source_list()))
+    datasets = {}
+    listed, counts = {}, {}
+    for name, source in sources:
+        dataset = build_datasets(source, split, seed=cfg.seed, prepare=False)
+        listed[name] = len(dataset)
+        dataset.records = select_subset(dataset.records, cfg.eval.subset)
+        if not dataset.records:
+            where = f" of source {name}" if with_sources else ""
+            raise ConfigError(f"eval.subset {cfg.eval.subset} leaves none of the {listed[name]} {split} pairs{where}; "
+                              "use eval.subset=all")
+        dataset.prepare()
+        datasets[name] = dataset
+        counts[name] = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
+    count, total_listed = sum(counts.values()), sum(listed.values())
     lpips_net, lpips_note = lpips_or_none(cfg.loss.lpips.net, cfg.loss.lpips.weights, device)
     renderer = eval_renderer()
     sid = SidRenderer()
     quantize = cfg.eval.quantize_8bit
-    evaluators = {protocol: {name: Evaluator(lpips_net=None if protocol == "raw" else lpips_net, quantize=quantize)
-                             for name in METHODS} for protocol in protocols}
+    by_source = {name: {protocol: {kind: Evaluator(lpips_net=None if protocol == "raw" else lpips_net, quantize=quantize)
+                                   for kind in METHODS} for protocol in protocols} for name, _ in sources}
+    pairs = ", ".join(f"{name} {counts[name]} of {listed[name]}" for name, _ in sources)
     notes = [f"checkpoint {checkpoint} (step {step}, {'EMA' if used_ema else 'raw'} weights); split {split}, "
-             f"subset {cfg.eval.subset}: {count} of {listed} pairs; protocols {', '.join(protocols)}; "
+             f"subset {cfg.eval.subset}: {count} of {total_listed} pairs" + (f" ({pairs})" if with_sources else "")
+             + f"; protocols {', '.join(protocols)}; "
              f"8-bit quantisation {'on' if quantize else 'off'}; tile {cfg.eval.tile or 'off'}"
              + (f", overlap {cfg.eval.overlap}" if cfg.eval.tile else "")
              + ("; self-ensemble over the CFA-preserving flips/transposes" if cfg.eval.self_ensemble else "")
@@ -231,13 +246,15 @@ def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, s
     report_items: list[dict[str, Any]] = []
     started = time.perf_counter()
 
-    for index in tqdm(range(count), desc=f"eval {split}", unit="img", file=sys.stderr, disable=None):
+    for (source_name, source), index in tqdm([(item, i) for item in sources for i in range(counts[item[0]])],
+                                             desc=f"eval {split}", unit="img", file=sys.stderr, disable=None):
+        dataset, evaluators = datasets[source_name], by_source[source_name]
         sample = dataset[index]
         record = dataset.records[index]
         name = sample["short_name"]
         ratio = float(sample["ratio"])
         packed_input = sample["input"][None].to(device)
-        pixels = packed_input.shape[-2] * packed_input.shape[-1] * (cfg.data.cfa_period ** 2 if packed else 1)
+        pixels = packed_input.shape[-2] * packed_input.shape[-1] * (source.cfa_period ** 2 if packed else 1)
         if run_classical and pixels > FULL_FRAME_PIXELS and not classical_explicit:
             run_classical = False
             notes.append(f"classical reference skipped: frames of {pixels / 1e6:.1f} MP (slow on full SID frames); "
@@ -274,8 +291,9 @@ def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, s
                     if key == "model":
                         scores["raw"] = f"raw: {row.psnr:.2f} dB, SSIM {row.ssim:.4f}"
         if images:
-            stem = _stem(name)
-            item: dict[str, Any] = {"name": name, "ratio": ratio, "scores": "  ·  ".join(scores.values())}
+            stem = _stem(f"{source_name}_{name}" if with_sources else name)
+            shown_name = f"{source_name}/{name}" if with_sources else name
+            item: dict[str, Any] = {"name": shown_name, "ratio": ratio, "scores": "  ·  ".join(scores.values())}
             for key, srgb in shown.items():
                 _picture(images_dir / f"{stem}_{key}.png", srgb, quantize)
                 item[key] = f"images/{stem}_{key}.png"
@@ -288,20 +306,30 @@ def _evaluate(cfg: ExperimentConfig, checkpoint: str | os.PathLike, out: Path, s
 
     if not run_classical and method == "none":
         notes.append("classical reference off (--classical none)")
+    evaluators = pooled_evaluators(by_source) if with_sources else by_source[sources[0][0]]
     by_protocol = protocol_summaries(evaluators)
     summary: dict[str, Any] = dict(by_protocol.get("internal", {}))
     summary.update({"protocols": by_protocol, "subset": cfg.eval.subset, "pairs": count, "split": split,
                     "quantize_8bit": quantize})
-    write_per_image_csv(out / "per_image.csv", evaluators)
+    source_tables = {name: protocol_summaries(by_source[name]) for name, _ in sources} if with_sources else None
+    if source_tables is not None:
+        summary["sources"] = {name: {**source_tables[name].get("internal", {}), "protocols": source_tables[name],
+                                     "pairs": counts[name], "camera": source.camera} for name, source in sources}
+    write_per_image_csv(out / "per_image.csv", evaluators, by_source if with_sources else None)
     write_summary(out / "summary.json", summary)
     notes.append(f"{count} images in {elapsed:.1f} s ({elapsed / max(count, 1):.2f} s per image, "
                  f"model + references + protocols + metrics + pictures) on {device}")
     curves = _curves_for_report(cfg, images_dir) if images else None
-    report = write_report(out, by_protocol, cfg.data.camera, report_items, notes, curves,
-                          f"rawrestore eval: {Path(cfg.output_dir).name} / {split}", REPORT_PICTURES)
+    report = write_report(out, by_protocol, tuple(source.camera for _, source in sources), report_items, notes, curves,
+                          f"rawrestore eval: {Path(cfg.output_dir).name} / {split}", REPORT_PICTURES, source_tables)
     for note in notes[1:]:
         say(f"eval: {note}")
+    if source_tables is not None:
+        print("all sources:")
     print(format_protocol_table(by_protocol))
+    for name, tables in (source_tables or {}).items():
+        print(f"source {name}:")
+        print(format_protocol_table(tables))
     print(f"report: {report}")
     return summary
 

@@ -117,12 +117,14 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
     device = isp.resolve_device(cfg.device)
     mosaic, meta = isp.read_raw(path)
     period = meta.cfa_period
-    expected = cfg.data.cfa_period
-    if period != expected:
+    # the data section this file's sensor trained under: the data config, or the first source of its CFA period
+    section = next((source for source in cfg.data.source_list() if source.cfa_period == period), None)
+    if section is None:
         kind = "X-Trans (6x6)" if period == 6 else "Bayer (2x2)"
-        raise InputError(f"{path} has a {kind} CFA but the model was trained for data.camera={cfg.data.camera}; "
+        cameras = ", ".join(dict.fromkeys(source.camera for source in cfg.data.source_list()))
+        raise InputError(f"{path} has a {kind} CFA but the model was trained for data.camera={cameras}; "
                          "use a checkpoint trained on this kind of sensor")
-    value, how = resolve_ratio(meta, ratio, reference_exposure_s, cfg.data.ratio_cap, str(path))
+    value, how = resolve_ratio(meta, ratio, reference_exposure_s, section.ratio_cap, str(path))
     # whole CFA periods only (packing needs them); a partial last row/column of periods is dropped
     height, width = (mosaic.shape[0] // period) * period, (mosaic.shape[1] // period) * period
     mosaic = mosaic[:height, :width]
@@ -131,7 +133,7 @@ def restore_file(path: str | os.PathLike, checkpoint: str | os.PathLike, out_png
     cfa = torch.as_tensor(meta.cfa_array, device=device)
     black = torch.tensor(meta.black_level, dtype=torch.float32, device=device)
     raw = torch.from_numpy(mosaic.astype(np.float32)).to(device)[None, None]
-    aligned = align_exposure(isp.ops.normalize(raw, black, meta.white_level), value, clip=cfg.data.clip_aligned)
+    aligned = align_exposure(isp.ops.normalize(raw, black, meta.white_level), value, clip=section.clip_aligned)
     del raw
     _check_finite(aligned, value, "aligned input")
     model_input = isp.cfa.pack(aligned, cfa) if cfg.data.packed else aligned

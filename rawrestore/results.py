@@ -8,6 +8,10 @@ Contract (scripts read it):
     per_image.csv  protocol, method, short, ratio, psnr, ssim, lpips, delta_e00 (one row per image,
                    protocol and method; an unmeasured metric is an empty cell)
 
+With `data.sources` (eval only) the top-level numbers pool every source's images, summary.json adds
+"sources": {name: {"model"|"baseline"|"classical": ..., "protocols": ..., "pairs", "camera"}}, and
+per_image.csv starts with a `source` column.
+
 Groups are "all" then "x<ratio>" ascending; a metric is null in a group when any image lacks it.
 """
 from __future__ import annotations
@@ -23,10 +27,10 @@ from typing import Any, Iterable
 
 from isp.errors import InputError
 from isp.safeio import write_bytes
-from rawrestore.metrics import METRIC_NAMES, Evaluator
+from rawrestore.metrics import METRIC_NAMES, Evaluator, pooled
 from rawrestore.protocols import PUBLISHED
 
-__all__ = ["CSV_COLUMNS", "empty_summary", "protocol_summaries", "write_per_image_csv", "write_summary",
+__all__ = ["CSV_COLUMNS", "empty_summary", "protocol_summaries", "pooled_evaluators", "write_per_image_csv", "write_summary",
            "format_protocol_table", "html_tables", "published_rows", "write_report", "check_out_folder", "remove_empty"]
 
 CSV_COLUMNS: tuple[str, ...] = ("protocol", "method", "short", "ratio", "psnr", "ssim", "lpips", "delta_e00")
@@ -48,16 +52,30 @@ def protocol_summaries(evaluators: dict[str, dict[str, Evaluator]]) -> dict[str,
     return result
 
 
-def write_per_image_csv(path: Path, evaluators: dict[str, dict[str, Evaluator]]) -> Path:
-    """One CSV row per image, protocol and method (CSV_COLUMNS), atomically. -> path."""
+def pooled_evaluators(by_source: dict[str, dict[str, dict[str, Evaluator]]]) -> dict[str, dict[str, Evaluator]]:
+    """{source: {protocol: {method: Evaluator}}} -> {protocol: {method: every source's rows, named <source>/<short>}}."""
+    first = next(iter(by_source.values()))
+    return {protocol: {method: pooled({name: parts[protocol][method] for name, parts in by_source.items()})
+                       for method in methods} for protocol, methods in first.items()}
+
+
+def write_per_image_csv(path: Path, evaluators: dict[str, dict[str, Evaluator]],
+                        by_source: dict[str, dict[str, dict[str, Evaluator]]] | None = None) -> Path:
+    """One CSV row per image, protocol and method (CSV_COLUMNS), atomically. -> path.
+
+    With `by_source` ({source: evaluators}, data.sources) the rows are those, after a `source` column.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for protocol, methods in evaluators.items():
-        for method, evaluator in methods.items():
-            for row in evaluator.rows:
-                writer.writerow([protocol, method, row.name, repr(row.ratio)]
-                                + ["" if getattr(row, m) is None else repr(getattr(row, m)) for m in METRIC_NAMES])
+    parts = by_source if by_source is not None else {None: evaluators}
+    writer.writerow((("source",) if by_source is not None else ()) + CSV_COLUMNS)
+    for source, part in parts.items():
+        lead = [source] if source is not None else []
+        for protocol, methods in part.items():
+            for method, evaluator in methods.items():
+                for row in evaluator.rows:
+                    writer.writerow(lead + [protocol, method, row.name, repr(row.ratio)]
+                                    + ["" if getattr(row, m) is None else repr(getattr(row, m)) for m in METRIC_NAMES])
     return write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
@@ -124,10 +142,16 @@ def _published_table(rows: list[dict[str, Any]]) -> str:
             f"{body}</table>")
 
 
-def write_report(out: Path, protocols: dict[str, dict[str, dict[str, Any]]], camera: str,
+def write_report(out: Path, protocols: dict[str, dict[str, dict[str, Any]]], camera: str | tuple[str, ...],
                  images: list[dict[str, Any]], notes: list[str], curves: str | None, title: str,
-                 pictures: tuple[tuple[str, str], ...] = ()) -> Path:
-    """DIR/report.html: notes, per-protocol tables, published figures, curves, one row of pictures per image."""
+                 pictures: tuple[tuple[str, str], ...] = (),
+                 sources: dict[str, dict[str, dict[str, dict[str, Any]]]] | None = None) -> Path:
+    """DIR/report.html: notes, per-protocol tables (and per source), published figures, curves, pictures per image.
+
+    `camera` is one camera or the cameras of data.sources (published figures of each);
+    `sources` ({source: {protocol: {method: summary}}}) adds one set of tables per source.
+    """
+    cameras = (camera,) if isinstance(camera, str) else tuple(dict.fromkeys(camera))
     style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
              "figure{display:inline-block;margin:4px;text-align:center}img{max-width:260px}"
@@ -135,8 +159,11 @@ def write_report(out: Path, protocols: dict[str, dict[str, dict[str, Any]]], cam
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(note)}</p>" for note in notes]
-    parts.append("<h2>Per protocol and exposure ratio</h2>" + html_tables(protocols))
-    parts.append(_published_table(published_rows(camera, protocols)))
+    heading = "All sources, per protocol and exposure ratio" if sources else "Per protocol and exposure ratio"
+    parts.append(f"<h2>{heading}</h2>" + html_tables(protocols))
+    for name, tables in (sources or {}).items():
+        parts.append(f"<h2>Source <code>{html.escape(name)}</code></h2>" + html_tables(tables))
+    parts.append(_published_table([row for one in cameras for row in published_rows(one, protocols)]))
     if curves:
         parts.append(f"<h2>Training curves</h2><img style='max-width:900px' src='{html.escape(curves)}'>")
     if images:

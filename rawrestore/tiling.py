@@ -3,7 +3,8 @@
 Tiles are `tile` x `tile` model-input (packed) pixels; neighbours share at least `overlap`
 pixels. Each tile's offsets are multiples of `align` (default 16 = the U-Net's four 2x poolings,
 so pooling grids line up with the untiled pass; any offset keeps the CFA phase of a packed Bayer
-input, X-Trans needs even offsets, both covered by 16). Inside a shared strip of width V the
+input, X-Trans needs even offsets, both covered by 16; a 1-channel mosaic needs whole CFA periods,
+which `ensemble.restore` asks for with align = lcm(16, P)). Inside a shared strip of width V the
 outer quarter next to a tile's inner edge gets weight 0 (the pixels whose receptive field ran
 into the tile edge), the middle half a raised-cosine ramp, so the weights of two neighbours sum
 to 1 and the seam is smooth. A convolutional model whose receptive-field radius r satisfies
@@ -19,10 +20,12 @@ import torch
 
 from rawrestore.errors import InputError
 
-__all__ = ["tile_starts", "blend_window", "tiled_apply"]
+__all__ = ["TILE_ALIGN", "tile_starts", "blend_window", "tiled_apply"]
+
+TILE_ALIGN = 16  # tile offsets in model-input pixels: the U-Net's four 2x poolings
 
 
-def tile_starts(length: int, tile: int, overlap: int, align: int = 16) -> list[tuple[int, int]]:
+def tile_starts(length: int, tile: int, overlap: int, align: int = TILE_ALIGN) -> list[tuple[int, int]]:
     """Tile spans along one axis. length, tile, overlap, align (pixels) -> [(start, stop), ...] covering [0, length).
 
     Starts are multiples of `align`; consecutive tiles overlap by >= `overlap`; the last tile ends
@@ -81,7 +84,7 @@ def blend_window(spans: list[tuple[int, int]], index: int, dtype: torch.dtype = 
 
 @torch.no_grad()
 def tiled_apply(model: Callable[[torch.Tensor], torch.Tensor], packed: torch.Tensor, tile: int, overlap: int,
-                align: int = 16) -> torch.Tensor:
+                align: int = TILE_ALIGN) -> torch.Tensor:
     """Run `model` over overlapping tiles. packed (B,C,H,W) -> (B,C',H,W) blended, on packed's device and dtype.
 
     `tile` <= 0 or a frame that fits in one tile runs the model once on the whole input. Memory:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the 3-scene synthetic SID set and the tiny experiment YAML the trainer tests run on."""
+"""Shared fixtures: the 3-scene synthetic SID sets (Sony, Fuji) and the tiny experiment YAML the trainer tests run on."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +19,16 @@ def data_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("sid") / "synthetic"
     generate(root, "sony", scenes=3, seed=0, size=128, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fuji_root(tmp_path_factory) -> Path:
+    """Three synthetic Fuji (X-Trans) scenes of 96x96 (one per split, three exposures each), generated once per session."""
+    from rawrestore.data.synth import generate
+
+    root = tmp_path_factory.mktemp("sid_fuji") / "synthetic_fuji"
+    generate(root, "fuji", scenes=3, seed=1, size=96, progress=False)
     return root
 
 

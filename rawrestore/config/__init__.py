@@ -21,12 +21,13 @@ from rawrestore.config.schema import (
     ModelConfig,
     PerceptualTermConfig,
     RobustTermConfig,
+    SourceConfig,
     TrainConfig,
 )
 
 __all__ = [
     "load_config", "load_tree", "apply_overrides", "parse_override", "deep_merge", "from_dict", "to_dict",
-    "save_resolved", "CFA_PERIOD", "DataConfig", "ModelConfig", "LossTermConfig", "CharbonnierTermConfig",
+    "save_resolved", "CFA_PERIOD", "DataConfig", "SourceConfig", "ModelConfig", "LossTermConfig", "CharbonnierTermConfig",
     "RobustTermConfig", "PerceptualTermConfig", "LpipsTermConfig", "LossConfig", "TrainConfig",
     "EvalConfig", "ExperimentConfig",
 ]

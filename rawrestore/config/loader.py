@@ -3,7 +3,7 @@
 A file may name fragments under `base:` (a path or a list, relative to that file); they are
 deep-merged in order, then the file's own keys on top; fragments may have their own `base:`.
 `key=value` overrides (dotted keys, values parsed by yaml.safe_load) go on top of everything.
-Mappings merge key by key; any other value (lists included) replaces the one below it.
+Mappings merge key by key; any other value (lists included, so `data.sources`) replaces the one below it.
 """
 from __future__ import annotations
 
@@ -75,6 +75,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        structured = [o for o in options if typing.get_origin(o) is list or dataclasses.is_dataclass(o)]
+        if len(structured) == 1 and isinstance(value, (list, tuple, Mapping)):
+            return _coerce(value, structured[0], key)  # the error inside (e.g. a source's unknown key) names its key
         for option in options:
             if option is type(None):
                 continue
@@ -134,7 +137,14 @@ def _field_default(cls: type, name: str) -> Any:
 
 
 def _build(cls: type[T], tree: Mapping[str, Any], key: str = "") -> T:
-    """Build dataclass `cls` from a nested mapping; missing keys keep the defaults."""
+    """Build dataclass `cls` from a nested mapping; missing keys keep the defaults.
+
+    A class with a `resolve_tree(tree)` classmethod rewrites its untyped mapping first
+    (`DataConfig`: the section's keys become defaults of each of its `sources`).
+    """
+    resolve = getattr(cls, "resolve_tree", None)
+    if callable(resolve):
+        tree = resolve(tree)
     types_by_name = _field_types(cls)
     kwargs = {}
     for name, value in tree.items():

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from rawrestore.config.bounds import preview
 from rawrestore.errors import ConfigError
@@ -34,6 +36,7 @@ VGG19_LAYERS = frozenset(
 _FEATURES_SLICE = re.compile(r"^features\[:(\d+)\]$")
 _UNIFORM_KERNEL = re.compile(r"^uniform\(\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\)$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def _require(condition: bool, key: str, message: str, value: object) -> None:
@@ -54,8 +57,8 @@ def _validate_children(config: object, key: str) -> None:
 
 
 @dataclass
-class DataConfig:
-    """Dataset, cropping and on-the-fly synthesis. Sizes are in RAW (mosaic) pixels, before packing."""
+class DataSectionConfig:
+    """The keys of one data section: dataset, cropping, on-the-fly synthesis. Sizes are RAW (mosaic) pixels, before packing."""
 
     kind: Literal["sid", "clean_folder"] = "sid"  # clean_folder: root holds clean RAW files only (rawrestore.data.clean_folder)
     root: str = "data/synthetic"
@@ -121,6 +124,110 @@ class DataConfig:
         if self.synthetic_ratio is not None:
             _require(len(self.synthetic_ratio) == 2 and 1.0 <= self.synthetic_ratio[0] <= self.synthetic_ratio[1],
                      f"{key}.synthetic_ratio", "must be [lo, hi] with 1 <= lo <= hi, or null", self.synthetic_ratio)
+
+
+@dataclass
+class SourceConfig(DataSectionConfig):
+    """One entry of `data.sources`: a whole data section (unset keys come from `data`), its sampling weight and name."""
+
+    weight: float = 1.0  # share of the training steps drawn from this source: weight / sum of the weights
+    name: str | None = None  # in reports and summary.json; None: the camera, or camera-<root folder> when cameras repeat
+
+    def validate(self, key: str = "data.sources[0]") -> None:
+        """Check the data section, a finite weight > 0 and a name usable in file names."""
+        super().validate(key)
+        _require(math.isfinite(self.weight) and self.weight > 0, f"{key}.weight", "must be a finite number > 0",
+                 self.weight)
+        if self.name is not None:
+            _require(bool(_SOURCE_NAME.match(self.name)), f"{key}.name",
+                     "must be letters, digits, '.', '_' or '-' (it names files and summary keys)", self.name)
+
+
+@dataclass
+class DataConfig(DataSectionConfig):
+    """The run's data: one section, or several in `sources` (each batch drawn from one of them, by weight).
+
+    With `sources`, every key set here is a default of each source and a source's own keys win
+    (`resolve_tree`, applied by the loader before typing); `packed` and `num_workers` are the run's
+    (one model layout, one loader) and may not differ per source. Without it the section is the
+    one source, exactly as before sources existed.
+    """
+
+    sources: list[SourceConfig] | None = None  # several datasets in one run; see README "Mixing data sources"
+
+    @classmethod
+    def resolve_tree(cls, tree: Mapping[str, Any]) -> dict[str, Any]:
+        """Untyped section -> the same with the section's other keys under each source's own (a source's keys win)."""
+        resolved = dict(tree)
+        sources = tree.get("sources")
+        if isinstance(sources, (list, tuple)):
+            shared = {name: value for name, value in tree.items() if name != "sources"}
+            resolved["sources"] = [{**shared, **source} if isinstance(source, Mapping) else source for source in sources]
+        return resolved
+
+    def source_list(self) -> list[SourceConfig]:
+        """The sources of the run: `sources`, or this section as the one source (weight 1)."""
+        if self.sources:
+            return list(self.sources)
+        own = {f.name: getattr(self, f.name) for f in fields(DataSectionConfig)}
+        return [SourceConfig(**own, weight=1.0, name=None)]
+
+    def source_names(self) -> list[str]:
+        """One name per source: its `name`, else its camera, else camera-<root folder> when a camera repeats."""
+        sources = self.source_list()
+        cameras = [source.camera for source in sources]
+        names = []
+        for source in sources:
+            if source.name is not None:
+                names.append(source.name)
+            elif cameras.count(source.camera) == 1:
+                names.append(source.camera)
+            else:
+                folder = re.sub(r"[^A-Za-z0-9._-]", "_", Path(source.root.rstrip("/")).name) or "root"
+                names.append(f"{source.camera}-{folder}")
+        return names
+
+    @property
+    def cfa_periods(self) -> tuple[int, ...]:
+        """The CFA periods of the sources, ascending, each once: (2,), (6,) or (2, 6)."""
+        return tuple(sorted({source.cfa_period for source in self.source_list()}))
+
+    @property
+    def cfa_period(self) -> int:
+        """The CFA period of every source (2 Bayer, 6 X-Trans); ConfigError when sources mix them (ask each source)."""
+        periods = self.cfa_periods
+        if len(periods) > 1:
+            raise ConfigError("data.sources mix Bayer and X-Trans sources: there is no one CFA period; "
+                              "use each source's cfa_period")
+        return periods[0]
+
+    @property
+    def in_channels(self) -> int:
+        """Channels the model sees: 4 (packed Bayer), 9 (packed X-Trans) or 1 (mosaic); the same for every source."""
+        return self.source_list()[0].in_channels
+
+    def validate(self, key: str = "data") -> None:
+        """Check the section, or with `sources` each source, unique names, and one model layout for all of them."""
+        if self.sources is None:
+            super().validate(key)
+            return
+        _require(len(self.sources) >= 1, f"{key}.sources", "must list at least one data section, or be null",
+                 self.sources)
+        for index, source in enumerate(self.sources):
+            source.validate(f"{key}.sources[{index}]")
+            for name in ("packed", "num_workers"):
+                _require(getattr(source, name) == getattr(self, name), f"{key}.sources[{index}].{name}",
+                         f"must equal {key}.{name} (one model layout and one loader per run); set it in {key} only",
+                         getattr(source, name))
+        names = self.source_names()
+        for index, name in enumerate(names):
+            _require(names.index(name) == index, f"{key}.sources[{index}].name",
+                     f"must be unique ('{name}' is also source {names.index(name)}); give each source its own name",
+                     name)
+        if len(self.cfa_periods) > 1 and self.packed:
+            raise ConfigError(
+                f"config key '{key}.packed' is true but {key}.sources mix Bayer (4 packed channels) and X-Trans (9): "
+                f"one network cannot take both; set {key}.packed: false to train every source on the 1-channel mosaic")
 
 
 # ---------------------------------------------------------------------------- model
@@ -608,11 +715,12 @@ class ExperimentConfig:
         _require(len(self.model.scales) == 1 or self.data.packed, f"{prefix}model.scales",
                  "needs data.packed: true (the coarse targets are block means of the packed colour planes)",
                  self.model.scales)
-        packed_side = self.data.crop_size // (2 if self.data.cfa_period == 2 else 3)
+        packed_side = self.data.crop_size // (3 if 6 in self.data.cfa_periods else 2)
         _require(packed_side >> (len(self.model.scales) - 1) >= 1, f"{prefix}model.scales",
                  f"has a coarsest output below one pixel for data.crop_size {self.data.crop_size}; use fewer entries",
                  self.model.scales)
         self._check_gan(prefix)
+        self._check_mixed_crosstalk(prefix)
 
     def _check_gan(self, prefix: str) -> None:
         """An adversarial term must start inside the run and its discriminator fit the training renders."""
@@ -623,7 +731,7 @@ class ExperimentConfig:
             return
         _require(term.warmup < self.train.iterations, f"{prefix}loss.gan.warmup",
                  f"must be < train.iterations={self.train.iterations} (the term would never start)", term.warmup)
-        period = self.data.cfa_period
+        period = max(self.data.cfa_periods)  # the smallest renders when sources mix CFAs
         side = self.data.crop_size // period if self.loss.render_demosaic == "half" else self.data.crop_size
         needed = min_input_size(term.n_layers)
         _require(side >= needed, f"{prefix}data.crop_size",
@@ -639,20 +747,32 @@ class ExperimentConfig:
         if not term.active or term.fallback:
             return
         half = self.loss.render_demosaic == "half"
-        period = self.data.cfa_period
-        side = self.data.crop_size // period if half else self.data.crop_size
-        if side < MS_SSIM_MIN_SIZE:
-            needed = MS_SSIM_MIN_SIZE * period if half else MS_SSIM_MIN_SIZE
-            needed = -(-needed // period) * period
+        sources = self.data.sources
+        for index, source in enumerate(self.data.source_list()):
+            key = f"{prefix}data.sources[{index}].crop_size" if sources else f"{prefix}data.crop_size"
+            period = source.cfa_period
+            side = source.crop_size // period if half else source.crop_size
+            if side < MS_SSIM_MIN_SIZE:
+                needed = MS_SSIM_MIN_SIZE * period if half else MS_SSIM_MIN_SIZE
+                needed = -(-needed // period) * period
+                raise ConfigError(
+                    f"config key '{key}' gives {side}-pixel renders "
+                    f"(loss.render_demosaic={self.loss.render_demosaic}), too small for the five scales of "
+                    f"'{prefix}loss.ms_ssim' (weighting {self.loss.weighting}), which need {MS_SSIM_MIN_SIZE}; "
+                    f"use data.crop_size >= {needed} or loss.ms_ssim.fallback: true, got {source.crop_size}")
+
+    def _check_mixed_crosstalk(self, prefix: str) -> None:
+        """A crosstalk kernel file is for one CFA period: sources that mix periods need uniform(x) or identity."""
+        if (len(self.data.cfa_periods) > 1 and self.loss.crosstalk.active
+                and self.loss.crosstalk_kernel.strip() != "identity" and self.loss.crosstalk_leak is None):
             raise ConfigError(
-                f"config key '{prefix}data.crop_size' gives {side}-pixel renders "
-                f"(loss.render_demosaic={self.loss.render_demosaic}), too small for the five scales of "
-                f"'{prefix}loss.ms_ssim' (weighting {self.loss.weighting}), which need {MS_SSIM_MIN_SIZE}; "
-                f"use data.crop_size >= {needed} or loss.ms_ssim.fallback: true, got {self.data.crop_size}")
+                f"config key '{prefix}loss.crosstalk_kernel' names a kernel file, which holds one CFA period, but "
+                f"data.sources mix Bayer and X-Trans; use 'uniform(x)' or 'identity', or loss.crosstalk.weight: 0, "
+                f"got {preview(self.loss.crosstalk_kernel)}")
 
 
 __all__ = [
-    "CFA_PERIOD", "VGG16_LAYERS", "DataConfig", "ModelConfig", "LossTermConfig", "CharbonnierTermConfig",
+    "CFA_PERIOD", "VGG16_LAYERS", "DataSectionConfig", "SourceConfig", "DataConfig", "ModelConfig", "LossTermConfig", "CharbonnierTermConfig",
     "RobustTermConfig", "VGGTermConfig", "PerceptualTermConfig", "GramTermConfig", "SobelEdgeTermConfig",
     "BlurColorTermConfig", "GanTermConfig", "PERCEPTUAL_PRESETS", "MSSSIMTermConfig", "VGG19_LAYERS", "LpipsTermConfig", "LossConfig", "TrainConfig",
     "EvalConfig", "ExperimentConfig",

@@ -94,6 +94,15 @@ class HeldOutDark(Dataset):
     def __len__(self) -> int:
         return len(self.clean)
 
+    @property
+    def records(self) -> list[PairRecord]:
+        """The held-out files as records (eval selects its subset through them)."""
+        return self.clean.records
+
+    @records.setter
+    def records(self, records: list[PairRecord]) -> None:
+        self.clean.records = records
+
     def prepare(self, progress: bool = True) -> int:
         """Decode the held-out files into the cache now (see SIDPairDataset.prepare)."""
         return self.clean.prepare(progress)

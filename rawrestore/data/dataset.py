@@ -406,8 +406,13 @@ def build_datasets(cfg_data: Any, split: str, seed: int = 0, prepare: bool = Tru
     `synthetic_noise`. val/test: deterministic centre `val_crop` crops, or whole frames when
     `val_crop` is null; always the real short exposures. With `prepare`, every file is decoded
     into the cache here (once per file ever; tqdm progress) so loader workers only memory-map.
-    `data.kind: clean_folder` builds from a folder of clean files (`rawrestore.data.clean_folder`).
+    `data.kind: clean_folder` builds from a folder of clean files (`rawrestore.data.clean_folder`);
+    `data.sources` builds every source and joins them (`rawrestore.data.sources.SourceMix`).
     """
+    if getattr(cfg_data, "sources", None) is not None:
+        from rawrestore.data.sources import build_sources
+
+        return build_sources(cfg_data, split, seed=seed, prepare=prepare)  # type: ignore[return-value]
     if getattr(cfg_data, "kind", "sid") == "clean_folder":
         from rawrestore.data.clean_folder import build_clean_folder
 

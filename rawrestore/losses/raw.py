@@ -188,13 +188,21 @@ class CrosstalkConsistencyLoss(LossTerm):
 
     The (P,P,3,3) kernel is a non-persistent buffer (it comes from the config, not a
     checkpoint). Built from a `spec` without a kernel, it builds the kernel for the CFA period of
-    the first `cfa` it is called with; a batch of another period is an InputError.
+    the first `cfa` it is called with; a batch of another period is an InputError. `others`
+    holds kernels of further periods, for runs that mix Bayer and X-Trans sources (`data.sources`).
     """
 
     domain: ClassVar[str] = "mosaic"
 
-    def __init__(self, kernel: torch.Tensor | None = None, spec: str | None = None):
+    def __init__(self, kernel: torch.Tensor | None = None, spec: str | None = None,
+                 others: tuple[torch.Tensor, ...] = ()):
         super().__init__()
+        self.other_periods: tuple[int, ...] = ()
+        for other in others:
+            if kernel is None or other.ndim != 4 or other.shape[2:] != (3, 3) or other.shape[0] == kernel.shape[0]:
+                raise InputError("crosstalk: further kernels need a main kernel and one (P,P,3,3) kernel per other period")
+            self.register_buffer(f"kernel_{other.shape[0]}", other.detach().clone(), persistent=False)
+            self.other_periods += (int(other.shape[0]),)
         if kernel is None:
             if spec is None:
                 raise InputError("CrosstalkConsistencyLoss needs a (P,P,3,3) kernel or a kernel spec")
@@ -208,7 +216,10 @@ class CrosstalkConsistencyLoss(LossTerm):
     def from_config(cls, term: Any, context: BuildContext) -> CrosstalkConsistencyLoss:
         period = context.cfa_period
         spec = context.crosstalk_kernel
-        return cls(build_kernel(spec, period), spec=spec) if period is not None else cls(spec=spec)
+        if period is None:
+            return cls(spec=spec)
+        others = tuple(build_kernel(spec, other) for other in context.other_periods if other != period)
+        return cls(build_kernel(spec, period), spec=spec, others=others)
 
     def forward(self, pred_mosaic: torch.Tensor, aligned_input_mosaic: torch.Tensor, cfa=None, packed: bool = False) -> torch.Tensor:
         if self.kernel is None:
@@ -216,8 +227,12 @@ class CrosstalkConsistencyLoss(LossTerm):
                 raise InputError("crosstalk consistency built from a spec needs the batch's cfa to pick its kernel")
             self.kernel = build_kernel(self.spec, int(torch.as_tensor(cfa).shape[-1])).to(pred_mosaic.device)
         elif cfa is not None and torch.as_tensor(cfa).shape[-1] != self.period:
-            raise InputError(f"crosstalk kernel is for CFA period {self.period} but the batch has period "
-                             f"{torch.as_tensor(cfa).shape[-1]}; one stack per camera")
+            period = int(torch.as_tensor(cfa).shape[-1])
+            if period not in self.other_periods:
+                raise InputError(f"crosstalk kernel is for CFA period {self.period} but the batch has period "
+                                 f"{period}; one stack per camera")
+            kernel = getattr(self, f"kernel_{period}")
+            return crosstalk_consistency(pred_mosaic, aligned_input_mosaic, kernel, cfa=cfa, packed=packed)
         return crosstalk_consistency(pred_mosaic, aligned_input_mosaic, self.kernel, cfa=cfa, packed=packed)
 
     @property

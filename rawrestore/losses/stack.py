@@ -71,7 +71,8 @@ class LossStack(nn.Module):
     Building. Every active term is built by its registry entry, `LOSSES[name].from_config(
     config.<name>, context)`, and run on the inputs its `domain` names (`losses.term`).
     `total_steps` is the run length the schedules refer to; `cfa_period` (2 or 6) goes to the
-    terms that need it (crosstalk; otherwise they take the first batch's). Pretrained weights
+    terms that need it (crosstalk; otherwise they take the first batch's); a tuple such as (2, 6)
+    serves a run whose sources mix CFAs (each batch then uses the kernel of its own period). Pretrained weights
     missing -> `WeightsError` right here, naming the file and the fix; with
     `config.drop_missing_pretrained` those terms are left out instead and ONE warning line is
     logged (`stack.dropped` lists them); `allow_random_backbones=True` (tests and benchmarks
@@ -97,7 +98,7 @@ class LossStack(nn.Module):
     optimiser (`rawrestore.train.step`).
     """
 
-    def __init__(self, config: LossConfig, total_steps: int, cfa_period: int | None = None,
+    def __init__(self, config: LossConfig, total_steps: int, cfa_period: int | tuple[int, ...] | None = None,
                  allow_random_backbones: bool = False, scales: Sequence[float] = (1.0,)):
         super().__init__()
         if not isinstance(config, LossConfig):
@@ -105,8 +106,11 @@ class LossStack(nn.Module):
         config.validate("loss")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError(f"LossStack: total_steps must be an integer >= 1, got {total_steps!r}")
-        if cfa_period not in (None, 2, 6):
-            raise ConfigError(f"LossStack: cfa_period must be 2 (Bayer), 6 (X-Trans) or None, got {cfa_period!r}")
+        periods = tuple(cfa_period) if isinstance(cfa_period, (tuple, list)) else (cfa_period,)
+        if not periods or not all(period in (None, 2, 6) for period in periods) or (None in periods and len(periods) > 1):
+            raise ConfigError(f"LossStack: cfa_period must be 2 (Bayer), 6 (X-Trans), a tuple of them or None, "
+                              f"got {cfa_period!r}")
+        cfa_period, other_periods = periods[0], tuple(periods[1:])
         if (isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or not scales
                 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
                            for w in scales)):
@@ -120,7 +124,7 @@ class LossStack(nn.Module):
         self.total_steps = total_steps
         self.dropped: list[str] = []
         self.random_backbones: list[str] = []
-        context = BuildContext(cfa_period, config.crosstalk_kernel)
+        context = BuildContext(cfa_period, config.crosstalk_kernel, other_periods=other_periods)
 
         built: dict[str, nn.Module] = {}
         missing: list[str] = []
@@ -133,7 +137,8 @@ class LossStack(nn.Module):
                 built[name] = entry.from_config(term, context)
             except WeightsError as error:
                 if allow_random_backbones:
-                    built[name] = entry.from_config(term, BuildContext(cfa_period, config.crosstalk_kernel, True))
+                    built[name] = entry.from_config(term, BuildContext(cfa_period, config.crosstalk_kernel, True,
+                                                                       other_periods))
                     self.random_backbones.append(name)
                 elif config.drop_missing_pretrained:
                     self.dropped.append(name)

@@ -27,11 +27,13 @@ DOMAINS = ("raw", "mosaic", "srgb")
 @dataclass(frozen=True)
 class BuildContext:
     """What a term may need beyond its own config entry: the CFA period (None: the first batch's), the
-    `loss.crosstalk_kernel` spec, and whether a missing pretrained backbone may be random (tests only)."""
+    `loss.crosstalk_kernel` spec, whether a missing pretrained backbone may be random (tests only),
+    and the further CFA periods of a run whose sources mix Bayer and X-Trans (`data.sources`)."""
 
     cfa_period: int | None = None
     crosstalk_kernel: str = "identity"
     allow_random: bool = False
+    other_periods: tuple[int, ...] = ()
 
 
 class LossTerm(nn.Module):

@@ -1,5 +1,5 @@
 """Image-quality metrics: pure per-image functions (`functional`) and the stateful `Evaluator`."""
-from rawrestore.metrics.evaluator import METRIC_NAMES, Evaluator, ImageRow, ratio_group
+from rawrestore.metrics.evaluator import METRIC_NAMES, Evaluator, ImageRow, pooled, ratio_group
 from rawrestore.metrics.functional import (
     delta_e00,
     lpips,
@@ -34,6 +34,7 @@ __all__ = [
     "Evaluator",
     "ImageRow",
     "ratio_group",
+    "pooled",
     "METRIC_NAMES",
     "SRGB_METRICS",
     "RAW_METRICS",

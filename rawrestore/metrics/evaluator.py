@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +19,7 @@ from torch import nn
 from isp.errors import InputError
 from rawrestore.metrics import functional
 
-__all__ = ["ImageRow", "Evaluator", "ratio_group", "METRIC_NAMES"]
+__all__ = ["ImageRow", "Evaluator", "ratio_group", "pooled", "METRIC_NAMES"]
 
 METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "lpips", "delta_e00")
 
@@ -197,3 +198,12 @@ class Evaluator:
             json.dump(summary, handle, indent=2)
             handle.write("\n")
         return summary
+
+
+def pooled(evaluators: Mapping[str, Evaluator]) -> Evaluator:
+    """Every row of several evaluators in one, each name prefixed `<key>/` (sources may share file names). -> Evaluator."""
+    joined = Evaluator(quantize=False)
+    for key, evaluator in evaluators.items():
+        for row in evaluator.rows:
+            joined.add(f"{key}/{row.name}", row.ratio, row.psnr, row.ssim, row.lpips, row.delta_e00)
+    return joined

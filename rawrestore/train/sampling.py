@@ -8,10 +8,22 @@ seeded by (seed, step, index) and its position (an item drawn twice in one step 
 crops); the generator is passed to the dataset's `draw(index, rng)`, through `Subset`
 wrappers, so neither DataLoader workers, a resume nor a wrapper changes what a step sees.
 No global RNG is reseeded per sample.
+
+Several sources (`data.sources`, a `SourceMix`): every micro-batch of optimiser step s, on
+every rank, comes from one source, drawn with the sources' weights from a uniform number that is
+a function of (seed, s) alone (`SourceSchedule`), so batches never mix CFAs or crop sizes,
+DDP ranks agree without talking, and a resume sees the same sources. Inside source k the
+micro-batches it was given are numbered in order (its j-th micro-batch) and take positions in
+k's own seeded permutations as above, so each source is still walked epoch by epoch; sample
+seeds are mix_seed(seed, SALT_SAMPLE, step, index, position) with the mix index. A one-entry
+list therefore sees exactly the batches of the same section given as `data` itself.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
+import math
 import multiprocessing
 import os
 import re
@@ -27,7 +39,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 from rawrestore.errors import InputError
 
 __all__ = [
-    "mix_seed", "SALT_PERMUTATION", "SALT_SAMPLE", "SALT_SYNTHETIC", "SALT_RESEED", "SampleKey", "StepBatchSampler", "SeededSamples",
+    "mix_seed", "SALT_PERMUTATION", "SALT_SAMPLE", "SALT_SYNTHETIC", "SALT_RESEED", "SALT_SOURCE", "SampleKey",
+    "StepBatchSampler", "SourceSchedule", "SourceBatchSampler", "SeededSamples",
     "LoadFailure", "collate", "worker_init", "worker_death_message", "seeded_item", "build_loader",
 ]
 
@@ -37,6 +50,7 @@ SALT_PERMUTATION = 0x5A3D
 SALT_SAMPLE = 0x5A4E
 SALT_SYNTHETIC = 0xD4
 SALT_RESEED = 0x7E5E  # global RNGs after a resume with another number of processes
+SALT_SOURCE = 0x50C3  # which source a step draws from (data.sources), and each source's epoch order
 
 
 def mix_seed(*parts: int) -> int:
@@ -90,6 +104,91 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
             position = (batch_index * self.world_size + self.rank) * self.batch_size + k
             epoch, offset = divmod(position, self.size)
             index = self.permutation(epoch)[offset]
+            out.append(SampleKey(index, mix_seed(self.seed, SALT_SAMPLE, step, index, position)))
+        return out
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        batch_index = self.start_batch
+        while True:
+            yield self.batch(batch_index)
+            batch_index += 1
+
+
+class SourceSchedule:
+    """Which source each optimiser step draws from: source k with probability weights[k] / sum, a function of (seed, step).
+
+    `source(step)` hashes (seed, step) to a uniform number in [0, 1) and looks it up in the
+    cumulative weights: no state, so every rank and every resume agree. `steps_before(step, k)`
+    counts the earlier steps of source k (cached as the schedule is walked).
+    """
+
+    def __init__(self, weights: Sequence[float], seed: int):
+        if not weights or not all(float(w) > 0 and np.isfinite(float(w)) for w in weights):
+            raise InputError(f"source weights must be finite numbers > 0, got {list(weights)}")
+        total = math.fsum(float(w) for w in weights)
+        self.bounds = [b / total for b in itertools.accumulate(float(w) for w in weights)][:-1]  # upper bound of 0..K-2
+        self.seed = int(seed)
+        self._sources = np.zeros(0, dtype=np.int16)  # source of steps 0 .. len-1, filled on demand
+        self._tally = (0, np.zeros(len(weights), dtype=np.int64))  # (step, steps per source before it): walked forward
+
+    def source(self, step: int) -> int:
+        """Index of the source step `step` draws every micro-batch from."""
+        if step < len(self._sources):
+            return int(self._sources[step])
+        uniform = mix_seed(self.seed, SALT_SOURCE, step) / float(1 << 63)
+        return bisect.bisect_right(self.bounds, uniform)
+
+    def sources(self, stop: int) -> np.ndarray:
+        """(stop,) int16: the source of steps 0 .. stop-1."""
+        have = len(self._sources)
+        if stop > have:
+            grown = max(stop, 2 * have, 1024)
+            more = np.fromiter((self.source(step) for step in range(have, grown)), dtype=np.int16, count=grown - have)
+            self._sources = np.concatenate([self._sources, more])
+        return self._sources[:stop]
+
+    def steps_before(self, step: int, source: int) -> int:
+        """How many of steps 0 .. step-1 drew from `source`."""
+        start, counts = self._tally
+        if step < start:
+            start, counts = 0, np.zeros_like(counts)
+        counts = counts + np.bincount(self.sources(step)[start:], minlength=len(counts))
+        self._tally = (step, counts)
+        return int(counts[source])
+
+
+class SourceBatchSampler(Sampler[list[SampleKey]]):
+    """Endless micro-batches over a `SourceMix`: every micro-batch of step s from source `schedule.source(s)`.
+
+    Source k's j-th micro-batch (j counts only the micro-batches k was given) holds positions
+    (j * world_size + rank) * batch_size + i of k's own seeded epoch permutations, shifted into
+    the mix's index space by `offsets[k]`; sample seeds as in StepBatchSampler. Starting at
+    `start_batch` gives exactly the stream of a run that went through the earlier batches.
+    """
+
+    def __init__(self, sizes: Sequence[int], offsets: Sequence[int], weights: Sequence[float], batch_size: int,
+                 seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0, accumulate: int = 1):
+        if any(size < 1 for size in sizes):
+            raise InputError("a training source is empty; check its root and train list")
+        self.offsets, self.batch_size, self.seed, self.accumulate = list(offsets), batch_size, seed, accumulate
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.schedule = SourceSchedule(weights, seed)
+        # each source's epoch order from its own seed (the first source's is the run's, so a one-source list walks
+        # exactly the plain data section's stream); adding a source leaves the others' orders as they were
+        self.orders = [StepBatchSampler(size, batch_size, seed if k == 0 else mix_seed(seed, SALT_SOURCE, k))
+                       for k, size in enumerate(sizes)]
+
+    def batch(self, batch_index: int) -> list[SampleKey]:
+        """The (mix index, sample seed) pairs of micro-batch `batch_index` on this rank."""
+        step, micro = divmod(batch_index, self.accumulate)
+        source = self.schedule.source(step)
+        order = self.orders[source]
+        local = self.schedule.steps_before(step, source) * self.accumulate + micro
+        out = []
+        for k in range(self.batch_size):
+            position = (local * self.world_size + self.rank) * self.batch_size + k
+            epoch, offset = divmod(position, order.size)
+            index = self.offsets[source] + order.permutation(epoch)[offset]
             out.append(SampleKey(index, mix_seed(self.seed, SALT_SAMPLE, step, index, position)))
         return out
 
@@ -194,9 +293,17 @@ def build_loader(dataset: Dataset, cfg: Any, dist_info: Any, start_step: int) ->
     `cfg` is the ExperimentConfig (seed, train.batch_size/accumulate, data.num_workers);
     `dist_info` the DistInfo (rank, world size, device).
     """
+    from rawrestore.data.sources import SourceMix
+
     train = cfg.train
-    sampler = StepBatchSampler(len(dataset), train.batch_size, cfg.seed, dist_info.rank, dist_info.world_size,
-                               start_batch=start_step * train.accumulate, accumulate=train.accumulate)
+    sampler: Sampler[list[SampleKey]]
+    if isinstance(dataset, SourceMix):
+        sampler = SourceBatchSampler(dataset.sizes, dataset.offsets, dataset.weights, train.batch_size, cfg.seed,
+                                     dist_info.rank, dist_info.world_size, start_batch=start_step * train.accumulate,
+                                     accumulate=train.accumulate)
+    else:
+        sampler = StepBatchSampler(len(dataset), train.batch_size, cfg.seed, dist_info.rank, dist_info.world_size,
+                                   start_batch=start_step * train.accumulate, accumulate=train.accumulate)
     workers = cfg.data.num_workers
     reading = multiprocessing.RawArray("q", [0, -1] * workers) if workers else None
     loader = DataLoader(

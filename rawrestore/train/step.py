@@ -102,16 +102,16 @@ class StepOutcome:
         return record
 
 
-def synthesize(batch: dict[str, Any], cfg: Any, seed: int, device: torch.device, kernel: torch.Tensor | None) -> None:
+def synthesize(batch: dict[str, Any], data: Any, seed: int, device: torch.device, kernel: torch.Tensor | None) -> None:
     """batch["input"] = an ELD dark input made from the clean target (data.synthetic_noise), drawn from `seed`.
 
+    `data` is the data section of the batch's source (the `data` config, or one of data.sources).
     Per-pixel noise from a device generator, the per-sample noise parameters from a host
     generator (numbers the host needs anyway, so nothing is read back); gain jitter and the
     data.synthetic_ratio draws first, when configured.
     """
     from rawrestore.data.dataset import jitter_gains, synthesize_input
 
-    data = cfg.data
     generator = torch.Generator(device=device).manual_seed(seed)
     if data.gain_jitter > 0:
         batch["target"] = jitter_gains(batch["target"], batch["cfa"], data.gain_jitter, generator)
@@ -147,7 +147,7 @@ def run_step(trainer: "Trainer", batches: Iterator[Any]) -> StepOutcome:
         if isinstance(batch, LoadFailure):
             raise DataError(batch.message)
         batch = trainer._to_device(batch)
-        if trainer.cfg.data.synthetic_noise and "input" not in batch:
+        if "input" not in batch:  # a synthetic-noise source: the dataset left the dark input to the step
             trainer._synthesize(batch, step, micro)
         finite = finite & _finite_batch(batch)
         last_micro = micro == train.accumulate - 1

@@ -19,9 +19,11 @@ fp16, a step the GradScaler skips (overflow) is skipped the same way but does no
 non-finite in a row: it only lowers the scale.
 
 Data order and sample seeding are functions of the step (`sampling`); together with the
-checkpointed RNG, optimiser, EMA, loss-weighting and discriminator states, N steps + resume + N
-steps equals 2N steps bit for bit on the CPU. SIGTERM/SIGINT finish the current step, write `last.pt` and return.
-One trainer per output_dir at a time (`runlock`).
+checkpointed RNG, optimiser, EMA, loss-weighting and discriminator states, N steps + resume + N steps equals 2N
+steps bit for bit on the CPU. With `data.sources` each step draws its batches from one source
+(`sampling.SourceSchedule`) and synthesises with that source's settings; validation reports each
+source, and best.pt follows the mean over sources of their PSNR. SIGTERM/SIGINT finish the
+current step, write `last.pt` and return. One trainer per output_dir at a time (`runlock`).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ from rawrestore.train.runlog import (
     LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, plot_curves, report_step, truncate_log,
 )
 from rawrestore.train.sampling import (
-    SALT_RESEED, SALT_SYNTHETIC, build_loader, mix_seed, worker_death_message,
+    SALT_RESEED, SALT_SYNTHETIC, SourceSchedule, build_loader, mix_seed, worker_death_message,
 )
 from rawrestore.train.signals import StopRequest
 from rawrestore.train.step import StepOutcome, StepState, run_step, synthesize
@@ -119,6 +121,12 @@ class Trainer:
         if self.val_set is not None:
             self.val_set.prepare()  # val pairs that exist must be usable: a bad pair or val_crop fails before training
 
+        # one entry per source (the data section itself without data.sources); a step's source is a function of the step
+        self.sources = cfg.data.source_list()
+        self.source_names = cfg.data.source_names()
+        self.schedule = (SourceSchedule([source.weight for source in self.sources], cfg.seed)
+                         if cfg.data.sources is not None else None)
+
         self.net = build_model_from_config(cfg.model, cfg.data.in_channels).to(self.device)
         if train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -131,19 +139,24 @@ class Trainer:
         if train.compile:
             self.model = torch.compile(self.model)
         self.ema = ModelEMA(self.net, train.ema) if train.ema is not None else None
-        self._synthetic_kernel: torch.Tensor | None = None
-        if cfg.data.synthetic_noise and cfg.data.synthetic_crosstalk != "identity":
-            from rawrestore.physics.crosstalk import build_kernel
+        self._synthetic_kernels: list[torch.Tensor | None] = []
+        for index, source in enumerate(self.sources):
+            kernel = None
+            if source.synthetic_noise and source.synthetic_crosstalk != "identity":
+                from rawrestore.physics.crosstalk import build_kernel
 
-            try:
-                kernel = build_kernel(cfg.data.synthetic_crosstalk, cfg.data.cfa_period)
-            except InputError as error:  # ConfigError included
-                raise ConfigError(f"config key 'data.synthetic_crosstalk': {error}") from None
-            self._synthetic_kernel = kernel.to(self.device)
+                key = "data.synthetic_crosstalk" if cfg.data.sources is None else f"data.sources[{index}].synthetic_crosstalk"
+                try:
+                    kernel = build_kernel(source.synthetic_crosstalk, source.cfa_period).to(self.device)
+                except InputError as error:  # ConfigError included
+                    raise ConfigError(f"config key '{key}': {error}") from None
+            self._synthetic_kernels.append(kernel)
 
         from rawrestore.losses import LossStack
 
-        self.loss = LossStack(cfg.loss, total_steps=train.iterations, cfa_period=cfg.data.cfa_period,
+        periods = cfg.data.cfa_periods  # (2, 6) when sources mix CFAs: the crosstalk term keeps a kernel per period
+        self.loss = LossStack(cfg.loss, total_steps=train.iterations,
+                              cfa_period=periods[0] if len(periods) == 1 else periods,
                               scales=cfg.model.scales).to(self.device)
         self.optimizer = build_optimizer(self.net, self.loss.trainable_parameters(), train, self.device)
         adversary = self.loss.adversary  # loss.gan: its discriminator has an optimiser of its own
@@ -219,10 +232,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def source_of(self, step: int) -> int:
+        """Index into `sources` of the source step `step` draws its batches from (0 without data.sources)."""
+        return self.schedule.source(step) if self.schedule is not None else 0
+
     def _synthesize(self, batch: dict[str, Any], step: int, micro: int) -> None:
         """On-the-fly ELD dark input from the clean target, seeded by (seed, step, micro, rank); see `step.synthesize`."""
-        synthesize(batch, self.cfg, mix_seed(self.cfg.seed, SALT_SYNTHETIC, step, micro, self.dist.rank),
-                   self.device, self._synthetic_kernel)
+        source = self.source_of(step)
+        synthesize(batch, self.sources[source], mix_seed(self.cfg.seed, SALT_SYNTHETIC, step, micro, self.dist.rank),
+                   self.device, self._synthetic_kernels[source])
 
     def _train_step(self, batches: Iterator[dict[str, Any]]) -> StepOutcome:
         """One optimiser step (see `step.run_step`); -> its outcome, read with `.record()`."""
@@ -371,6 +389,12 @@ class Trainer:
         self.info(f"data: {len(self.train_set)} train pairs, {len(self.val_set) if self.val_set is not None else 0} val; "
                   f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}"
                   + (" (auto)" if train.amp == "auto" else ""))
+        if self.cfg.data.sources is not None:
+            sizes = getattr(self.train_set, "sizes", [len(self.train_set)])
+            total = sum(source.weight for source in self.sources)
+            self.info("sources: " + ", ".join(
+                f"{name} ({source.camera}, {size} train pairs, {source.weight / total:.0%} of the steps)"
+                for name, source, size in zip(self.source_names, self.sources, sizes)))
         last = self.ckpt_dir / ckpt.LAST
         if self.step >= end:
             self.info(f"train: already at step {self.step} of {end}; nothing to do")
@@ -448,7 +472,9 @@ class Trainer:
         if self.is_main:
             curves = plot_curves(self.output_dir, self._print)
             rate = (self.step - start_step) / elapsed if elapsed > 0 else float("nan")
-            best = f"; best val PSNR {self.best_psnr:.2f} dB at step {self.best_step}" if self.best_psnr is not None else ""
+            over = " (mean over sources)" if self.cfg.data.sources is not None else ""
+            best = (f"; best val PSNR{over} {self.best_psnr:.2f} dB at step {self.best_step}"
+                    if self.best_psnr is not None else "")
             self._print(f"train: step {self.step}/{train.iterations} in {elapsed:.1f} s ({rate:.2f} it/s), "
                         f"{self.skipped_steps} skipped; checkpoint {written}{best}" + (f"; curves {curves}" if curves else ""))
         return FitResult(self.step, reason, written, self.best_psnr, self.skipped_steps)
@@ -459,18 +485,25 @@ class Trainer:
         if result is None:
             return
         summary = result["summary"]
-        psnr = summary["all"]["psnr"]
-        log.write({"step": self.step, "val": summary, "val_images_per_rank": result["per_rank"],
-                   "ema": self.ema is not None})
-        line = f"val @ {self.step}: {format_groups(summary)}"
-        if bar is not None:
-            bar.write(line)
-        else:
-            self.info(line)
+        psnr = result["select_psnr"]
+        record: dict[str, Any] = {"step": self.step, "val": summary}
+        if "sources" in result:
+            record.update(val_sources=result["sources"], val_select_psnr=psnr)
+        log.write({**record, "val_images_per_rank": result["per_rank"], "ema": self.ema is not None})
+        lines = [f"val @ {self.step}: {format_groups(summary)}"]
+        lines += [f"val @ {self.step} {name}: {format_groups(part)}" for name, part in result.get("sources", {}).items()]
+        for line in lines:
+            if bar is not None:
+                bar.write(line)
+            else:
+                self.info(line)
         if board is not None:
             for key in ("psnr", "ssim", "delta_e00", "lpips"):
                 if summary["all"].get(key) is not None:
                     board.add_scalar(f"val/{key}", summary["all"][key], self.step)
+                for name, part in result.get("sources", {}).items():
+                    if part["all"].get(key) is not None:
+                        board.add_scalar(f"val/{name}/{key}", part["all"][key], self.step)
         if psnr is not None and math.isfinite(psnr) and (self.best_psnr is None or psnr > self.best_psnr):
             self.best_psnr, self.best_step = float(psnr), self.step
             self.save([ckpt.BEST])
@@ -482,14 +515,17 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any] | None:
-        """Metrics on the val split (sharded over ranks, gathered). -> Evaluator summary (+ per-rank counts) or None.
+        """Metrics on the val split (sharded over ranks, gathered). -> summary, select_psnr, per-rank counts; or None.
 
         Scores exactly as `rawrestore eval`'s internal protocol (`rawrestore.protocols`: same
         prediction path, float32, same renderer), so validation and evaluation cannot disagree.
+        With data.sources: `summary` pools every source's images, `sources` holds one summary per
+        source, and `select_psnr` (what best.pt follows) is the mean over sources of their PSNR;
+        without, `select_psnr` is the summary's PSNR.
         """
         if self.val_set is None or len(self.val_set) == 0:
             return None
-        from rawrestore.metrics import Evaluator
+        from rawrestore.metrics import Evaluator, pooled
         from rawrestore.protocols import eval_renderer, predict, score_internal
 
         if self._lpips_note is None:
@@ -498,23 +534,40 @@ class Trainer:
         model = self._eval_model()
         was_training = model.training
         model.eval()
-        evaluator = Evaluator(lpips_net=self._lpips, quantize=self.cfg.eval.quantize_8bit)
+        parts = self.val_set.parts() if hasattr(self.val_set, "parts") else [("", self.val_set)]
+        evaluators = {name: Evaluator(lpips_net=self._lpips, quantize=self.cfg.eval.quantize_8bit) for name, _ in parts}
         renderer = eval_renderer()
-        indices = list(range(self.dist.rank, len(self.val_set), self.dist.world_size))
+        count = 0
         with _preserved_rngs():
-            for index in indices:
-                sample = self.val_set[index]
-                pred = predict(model, sample, self.cfg.eval, self.cfg.data.packed, self.device)
-                score_internal(evaluator, renderer, pred, sample, self.cfg.data.packed)
+            for name, dataset in parts:
+                indices = range(self.dist.rank, len(dataset), self.dist.world_size)
+                for index in indices:
+                    sample = dataset[index]
+                    pred = predict(model, sample, self.cfg.eval, self.cfg.data.packed, self.device)
+                    score_internal(evaluators[name], renderer, pred, sample, self.cfg.data.packed)
+                count += len(indices)
         if was_training:
             model.train()
-        counts = dist_utils.all_gather_objects(len(indices))
-        evaluator.gather()
-        summary = evaluator.summary()
-        return {"summary": summary, "per_rank": counts}
+        counts = dist_utils.all_gather_objects(count)
+        for evaluator in evaluators.values():
+            evaluator.gather()
+        if self.cfg.data.sources is None:
+            summary = evaluators[""].summary()
+            return {"summary": summary, "select_psnr": summary["all"]["psnr"], "per_rank": counts}
+        by_source = {name: evaluator.summary() for name, evaluator in evaluators.items()}
+        return {"summary": pooled(evaluators).summary(), "sources": by_source,
+                "select_psnr": mean_over_sources(by_source), "per_rank": counts}
 
 
 # -------------------------------------------------------------------------- helpers
+
+
+def mean_over_sources(by_source: dict[str, dict[str, Any]], metric: str = "psnr") -> float | None:
+    """The best-checkpoint aggregate of data.sources: the mean over sources of their `all` group's metric (None if any lacks it)."""
+    values = [summary["all"].get(metric) for summary in by_source.values()]
+    if not values or any(value is None for value in values):
+        return None
+    return math.fsum(values) / len(values)
 
 
 @contextlib.contextmanager
