@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import random
 import time
@@ -44,7 +43,6 @@ from torch import nn
 from rawrestore.config import ExperimentConfig, save_resolved, to_dict
 from rawrestore.errors import ConfigError, InputError
 from rawrestore.models import build_model_from_config, count_parameters
-from rawrestore.pretrained import build_lpips_or_none
 from rawrestore.train import checkpoint as ckpt
 from rawrestore.train import distributed as dist_utils
 from rawrestore.train.distributed import DistInfo
@@ -53,13 +51,14 @@ from rawrestore.train.optim import (
 )
 from rawrestore.train.runlock import RunLock
 from rawrestore.train.runlog import (
-    LOG_NAME, JsonlLog, TrainingError, format_groups, open_tensorboard, plot_curves, report_step, truncate_log,
+    LOG_NAME, JsonlLog, TrainingError, open_tensorboard, plot_curves, report_step, truncate_log,
 )
 from rawrestore.train.sampling import (
     SALT_RESEED, SALT_SYNTHETIC, SourceSchedule, build_loader, mix_seed, worker_death_message,
 )
 from rawrestore.train.signals import StopRequest
 from rawrestore.train.step import StepOutcome, StepState, run_step, synthesize
+from rawrestore.train.validation import validate, validate_and_log
 
 __all__ = ["Trainer", "FitResult", "TrainingError"]
 
@@ -173,8 +172,8 @@ class Trainer:
         self.best_psnr: float | None = None
         self.best_step: int | None = None
         self._reading: Any = None  # (pid, dataset index) per DataLoader worker, see SeededSamples
-        self._lpips: nn.Module | None = None
-        self._lpips_note: str | None = None
+        self.val_lpips: nn.Module | None = None
+        self.val_lpips_note: str | None = None
         self.param_count = count_parameters(self.net)
 
     # ------------------------------------------------------------------ helpers
@@ -480,106 +479,9 @@ class Trainer:
         return FitResult(self.step, reason, written, self.best_psnr, self.skipped_steps)
 
     def _validate_and_log(self, log: JsonlLog, board: Any, bar: Any) -> None:
-        """Validate, log the summary, write best.pt when the PSNR improved."""
-        result = self.validate()
-        if result is None:
-            return
-        summary = result["summary"]
-        psnr = result["select_psnr"]
-        record: dict[str, Any] = {"step": self.step, "val": summary}
-        if "sources" in result:
-            record.update(val_sources=result["sources"], val_select_psnr=psnr)
-        log.write({**record, "val_images_per_rank": result["per_rank"], "ema": self.ema is not None})
-        lines = [f"val @ {self.step}: {format_groups(summary)}"]
-        lines += [f"val @ {self.step} {name}: {format_groups(part)}" for name, part in result.get("sources", {}).items()]
-        for line in lines:
-            if bar is not None:
-                bar.write(line)
-            else:
-                self.info(line)
-        if board is not None:
-            for key in ("psnr", "ssim", "delta_e00", "lpips"):
-                if summary["all"].get(key) is not None:
-                    board.add_scalar(f"val/{key}", summary["all"][key], self.step)
-                for name, part in result.get("sources", {}).items():
-                    if part["all"].get(key) is not None:
-                        board.add_scalar(f"val/{name}/{key}", part["all"][key], self.step)
-        if psnr is not None and math.isfinite(psnr) and (self.best_psnr is None or psnr > self.best_psnr):
-            self.best_psnr, self.best_step = float(psnr), self.step
-            self.save([ckpt.BEST])
+        """Validate, log the summary, write best.pt when the PSNR improved (`validation.validate_and_log`)."""
+        validate_and_log(self, log, board, bar)
 
-    # --------------------------------------------------------------- validation
-
-    def _eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.net
-
-    @torch.no_grad()
     def validate(self) -> dict[str, Any] | None:
-        """Metrics on the val split (sharded over ranks, gathered). -> summary, select_psnr, per-rank counts; or None.
-
-        Scores exactly as `rawrestore eval`'s internal protocol (`rawrestore.protocols`: same
-        prediction path, float32, same renderer), so validation and evaluation cannot disagree.
-        With data.sources: `summary` pools every source's images, `sources` holds one summary per
-        source, and `select_psnr` (what best.pt follows) is the mean over sources of their PSNR;
-        without, `select_psnr` is the summary's PSNR.
-        """
-        if self.val_set is None or len(self.val_set) == 0:
-            return None
-        from rawrestore.metrics import Evaluator, pooled
-        from rawrestore.protocols import eval_renderer, predict, score_internal
-
-        if self._lpips_note is None:
-            self._lpips, self._lpips_note = build_lpips_or_none(self.cfg, self.device)
-            self.info(f"validation: {self._lpips_note}")
-        model = self._eval_model()
-        was_training = model.training
-        model.eval()
-        parts = self.val_set.parts() if hasattr(self.val_set, "parts") else [("", self.val_set)]
-        evaluators = {name: Evaluator(lpips_net=self._lpips, quantize=self.cfg.eval.quantize_8bit) for name, _ in parts}
-        renderer = eval_renderer()
-        count = 0
-        with _preserved_rngs():
-            for name, dataset in parts:
-                indices = range(self.dist.rank, len(dataset), self.dist.world_size)
-                for index in indices:
-                    sample = dataset[index]
-                    pred = predict(model, sample, self.cfg.eval, self.cfg.data.packed, self.device)
-                    score_internal(evaluators[name], renderer, pred, sample, self.cfg.data.packed)
-                count += len(indices)
-        if was_training:
-            model.train()
-        counts = dist_utils.all_gather_objects(count)
-        for evaluator in evaluators.values():
-            evaluator.gather()
-        if self.cfg.data.sources is None:
-            summary = evaluators[""].summary()
-            return {"summary": summary, "select_psnr": summary["all"]["psnr"], "per_rank": counts}
-        by_source = {name: evaluator.summary() for name, evaluator in evaluators.items()}
-        return {"summary": pooled(evaluators).summary(), "sources": by_source,
-                "select_psnr": mean_over_sources(by_source), "per_rank": counts}
-
-
-# -------------------------------------------------------------------------- helpers
-
-
-def mean_over_sources(by_source: dict[str, dict[str, Any]], metric: str = "psnr") -> float | None:
-    """The best-checkpoint aggregate of data.sources: the mean over sources of their `all` group's metric (None if any lacks it)."""
-    values = [summary["all"].get(metric) for summary in by_source.values()]
-    if not values or any(value is None for value in values):
-        return None
-    return math.fsum(values) / len(values)
-
-
-@contextlib.contextmanager
-def _preserved_rngs() -> Iterator[None]:
-    """Run validation without moving any global RNG (so when it runs never changes training)."""
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+        """Metrics on the val split, scored as `rawrestore eval` scores them (`validation.validate`)."""
+        return validate(self)
