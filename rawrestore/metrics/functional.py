@@ -124,7 +124,7 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
 def delta_e00(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean CIEDE2000 over pixels. pred, target (B,3,H,W) sRGB in [0,1] -> (B,) float64 dE00.
 
-    On the CPU without gradients: `metrics.ciede2000` (float64, chunked numpy + numba, 16x
+    On the CPU without gradients: `metrics.ciede2000` (float64, chunked numpy + numba, 25x
     colour-science on a 1 MP pair here); otherwise the differentiable `isp.color` path in the inputs' dtype.
     """
     _check_pair(pred, target, "delta_e00", channels=3)
