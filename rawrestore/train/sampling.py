@@ -96,22 +96,22 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
                 self._perms.popitem(last=False)
         return self._perms[epoch]
 
-    def batch(self, batch_index: int) -> list[SampleKey]:
-        """The (index, sample seed) pairs of micro-batch `batch_index` on this rank."""
-        step = batch_index // self.accumulate
+    def keys(self, local: int, step: int, sample_seed: int, offset: int = 0) -> list[SampleKey]:
+        """This rank's share of this order's micro-batch `local`, indices shifted by `offset`, seeds for optimiser step `step`."""
         out = []
         for k in range(self.batch_size):
-            position = (batch_index * self.world_size + self.rank) * self.batch_size + k
-            epoch, offset = divmod(position, self.size)
-            index = self.permutation(epoch)[offset]
-            out.append(SampleKey(index, mix_seed(self.seed, SALT_SAMPLE, step, index, position)))
+            position = (local * self.world_size + self.rank) * self.batch_size + k
+            epoch, item = divmod(position, self.size)
+            index = offset + self.permutation(epoch)[item]
+            out.append(SampleKey(index, mix_seed(sample_seed, SALT_SAMPLE, step, index, position)))
         return out
 
+    def batch(self, batch_index: int) -> list[SampleKey]:
+        """The (index, sample seed) pairs of micro-batch `batch_index` on this rank."""
+        return self.keys(batch_index, batch_index // self.accumulate, self.seed)
+
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        batch_index = self.start_batch
-        while True:
-            yield self.batch(batch_index)
-            batch_index += 1
+        return _endless(self)
 
 
 class SourceSchedule:
@@ -175,7 +175,8 @@ class SourceBatchSampler(Sampler[list[SampleKey]]):
         self.schedule = SourceSchedule(weights, seed)
         # each source's epoch order from its own seed (the first source's is the run's, so a one-source list walks
         # exactly the plain data section's stream); adding a source leaves the others' orders as they were
-        self.orders = [StepBatchSampler(size, batch_size, seed if k == 0 else mix_seed(seed, SALT_SOURCE, k))
+        self.orders = [StepBatchSampler(size, batch_size, seed if k == 0 else mix_seed(seed, SALT_SOURCE, k),
+                                        rank=rank, world_size=world_size)
                        for k, size in enumerate(sizes)]
 
     def batch(self, batch_index: int) -> list[SampleKey]:
@@ -184,19 +185,18 @@ class SourceBatchSampler(Sampler[list[SampleKey]]):
         source = self.schedule.source(step)
         order = self.orders[source]
         local = self.schedule.steps_before(step, source) * self.accumulate + micro
-        out = []
-        for k in range(self.batch_size):
-            position = (local * self.world_size + self.rank) * self.batch_size + k
-            epoch, offset = divmod(position, order.size)
-            index = self.offsets[source] + order.permutation(epoch)[offset]
-            out.append(SampleKey(index, mix_seed(self.seed, SALT_SAMPLE, step, index, position)))
-        return out
+        return order.keys(local, step, self.seed, self.offsets[source])
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        batch_index = self.start_batch
-        while True:
-            yield self.batch(batch_index)
-            batch_index += 1
+        return _endless(self)
+
+
+def _endless(sampler: StepBatchSampler | SourceBatchSampler) -> Iterator[list[SampleKey]]:
+    """sampler.batch(start_batch), sampler.batch(start_batch + 1), ... without end."""
+    batch_index = sampler.start_batch
+    while True:
+        yield sampler.batch(batch_index)
+        batch_index += 1
 
 
 @dataclass(frozen=True)
