@@ -12,7 +12,7 @@ import torch
 from isp.cfa import XTRANS_PACK_SITES, downsample_packed, pack
 from rawrestore.cli import main
 from rawrestore.config import load_config
-from rawrestore.config.schema import ExperimentConfig, LossConfig, ModelConfig
+from rawrestore.config.schema import ExperimentConfig, ModelConfig
 from rawrestore.errors import ConfigError, InputError
 from rawrestore.losses import LossStack, charbonnier, l1
 from rawrestore.models import NAFNet, UNet, build_model_from_config
@@ -22,6 +22,7 @@ from rawrestore.train.runlog import read_log, write_loss_curves
 from rawrestore.train.trainer import Trainer
 from tests.conftest import tiny_yaml
 from tests.rawfixtures import CAM_TO_SRGB, XTRANS
+from tests.test_losses import loss_config
 from tests.test_train_step import HostReads
 
 BAYER_GRBG = [[1, 0], [2, 1]]
@@ -51,16 +52,6 @@ def block_mean(planes: np.ndarray, block: int) -> np.ndarray:
     h, w = planes.shape[-2] // block, planes.shape[-1] // block
     cells = planes[..., : h * block, : w * block].reshape(*planes.shape[:-2], h, block, w, block)
     return cells.mean(axis=(-3, -1))
-
-
-def loss_config(**weights: float) -> LossConfig:
-    """A LossConfig with every term off except the given weights."""
-    config = LossConfig()
-    for term in config.terms().values():
-        term.weight = 0.0
-    for name, weight in weights.items():
-        getattr(config, name).weight = weight
-    return config
 
 
 def make_batch(shape=(2, 4, 16, 12), seed=0, cfa=BAYER_GRBG):
