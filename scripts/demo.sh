@@ -10,4 +10,6 @@ sys.exit(json.load(open('data/synthetic/truth.json')).get('format') != f)" 2>/de
   rawrestore synth --out data/synthetic --camera sony --scenes 24 --seed 0 --force
 fi
 rawrestore train -c configs/demo.yaml --resume auto "$@"   # a rerun continues (or finds it done)
-rawrestore eval -c configs/demo.yaml --checkpoint runs/demo/checkpoints/last.pt --split test --out runs/demo/eval "$@"
+eval_args=()  # key=value overrides go to eval too; train's own flags (e.g. --no-progress) do not
+for arg in "$@"; do [[ "$arg" == --* ]] || eval_args+=("$arg"); done
+rawrestore eval -c configs/demo.yaml --checkpoint runs/demo/checkpoints/last.pt --split test --out runs/demo/eval ${eval_args[@]+"${eval_args[@]}"}
